@@ -1,0 +1,332 @@
+//! Forwards the request upstream over a pooled connection and streams the
+//! response back, as an intermediary must (RFC 9110 §7.6): hop-by-hop fields
+//! are dropped both ways, forwarding fields and Via are added, everything
+//! else (order, repeats, the raw target) passes unchanged.
+
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::http::body::{BodyError, BodyReader};
+use crate::http::chunked::{encode_chunk_header, encode_last_chunk, CHUNK_END};
+use crate::http::{response, BodyKind, Headers, Request, ResponseHead, Version};
+use crate::pipeline::{Body, BodyStream, BuildEnv, Context, Downstream, Flow, Module, Response};
+use crate::pool::{Pool, PoolError, Pooled};
+
+/// Last: it answers every request that reaches it.
+pub const PRIORITY: i32 = 1000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Our name in the Via field (RFC 9110 §7.6.3).
+    pub via: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            via: "proxycache".into(),
+        }
+    }
+}
+
+pub fn build(settings: &Settings, env: &BuildEnv) -> Result<Box<dyn Module>, String> {
+    if settings.via.is_empty() || settings.via.bytes().any(|b| b.is_ascii_whitespace() || b == b',') {
+        return Err(format!("via {:?} must be one token with no spaces or commas", settings.via));
+    }
+    Ok(Box::new(ProxyCore {
+        backend: env.config.server.backend_addr,
+        pool: env.pool.clone(),
+        via: settings.via.clone(),
+        max_head: env.config.server.max_header_size.get(),
+    }))
+}
+
+struct ProxyCore {
+    backend: SocketAddr,
+    pool: Arc<Pool>,
+    via: String,
+    max_head: usize,
+}
+
+/// Why forwarding failed: the status the client gets and a reason for the log.
+struct Failure {
+    status: u16,
+    reason: String,
+    /// Nothing came back yet, so a retry cannot duplicate a response.
+    before_response: bool,
+}
+
+impl Failure {
+    fn new(status: u16, reason: impl Into<String>) -> Failure {
+        Failure {
+            status,
+            reason: reason.into(),
+            before_response: false,
+        }
+    }
+
+    fn upstream_io(action: &str, e: &io::Error, before_response: bool) -> Failure {
+        let timed_out = matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut);
+        Failure {
+            status: if timed_out { 504 } else { 502 },
+            reason: format!("upstream {action} {}", if timed_out { "timed out".into() } else { e.to_string() }),
+            before_response: before_response && !timed_out,
+        }
+    }
+
+    fn pool(e: PoolError) -> Failure {
+        match e {
+            PoolError::Exhausted => Failure::new(503, "upstream connection limit reached"),
+            PoolError::Connect(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                Failure::new(502, "upstream refused the connection")
+            }
+            PoolError::Connect(e) => Failure::upstream_io("connect", &e, false),
+        }
+    }
+
+    fn client(e: BodyError) -> Failure {
+        let status = match &e {
+            _ if e.is_timeout() => 408,
+            BodyError::TooLarge => 413,
+            BodyError::Malformed(_) | BodyError::Closed | BodyError::Io(_) => 400,
+        };
+        Failure::new(status, format!("request body: {e}"))
+    }
+}
+
+impl Module for ProxyCore {
+    fn handle(&self, req: &mut Request, downstream: &mut Downstream, ctx: &mut Context) -> Flow {
+        let addr = *ctx.upstream.get_or_insert(self.backend);
+        Flow::Respond(self.forward(req, downstream, ctx, addr).unwrap_or_else(|f| {
+            log::warn!(
+                "{} {} {}: upstream {addr}: {} → {}",
+                ctx.request_id,
+                req.method,
+                req.target,
+                f.reason,
+                f.status
+            );
+            Response::text(f.status, &f.reason)
+        }))
+    }
+}
+
+impl ProxyCore {
+    fn forward(
+        &self,
+        req: &mut Request,
+        downstream: &mut Downstream,
+        ctx: &Context,
+        addr: SocketAddr,
+    ) -> Result<Response, Failure> {
+        let head = self.upstream_head(req, downstream.body_kind(), ctx.client_addr);
+        let mut conn = self.pool.checkout(addr).map_err(Failure::pool)?;
+        let result = match self.exchange(&mut conn, &head, req, downstream) {
+            // A pooled connection the upstream closed meanwhile: once more on a new one,
+            // when nothing could have been processed twice and there is no body to replay.
+            Err(f) if f.before_response
+                && conn.reused
+                && req.is_idempotent()
+                && downstream.body_kind() == BodyKind::Empty =>
+            {
+                log::debug!("{} reused connection to {addr} failed ({}); retrying", ctx.request_id, f.reason);
+                conn = self.pool.checkout_fresh(addr).map_err(Failure::pool)?;
+                self.exchange(&mut conn, &head, req, downstream)
+            }
+            other => other,
+        };
+        let (mut head, kind) = result?;
+
+        let reusable = head.keep_alive() && kind != BodyKind::UntilClose;
+        strip_hop_by_hop(&mut head.headers);
+        self.add_via(&mut head.headers, head.version);
+        let body = match kind {
+            BodyKind::Empty => {
+                if reusable {
+                    conn.release();
+                }
+                Body::Empty
+            }
+            _ => Body::Stream(Box::new(UpstreamBody {
+                conn: Some(conn),
+                reader: BodyReader::new(kind, 0),
+                length: match kind {
+                    BodyKind::Length(n) => Some(n),
+                    _ => None,
+                },
+                reusable,
+            })),
+        };
+        Ok(Response { head, body })
+    }
+
+    /// The head we send upstream. Changes `req` to what was forwarded.
+    fn upstream_head(&self, req: &mut Request, body: BodyKind, client: SocketAddr) -> Vec<u8> {
+        let headers = &mut req.headers;
+        strip_hop_by_hop(headers);
+        // We answer Expect ourselves, when the body is first read.
+        headers.remove("expect");
+        let forwarded_for = joined(headers, "x-forwarded-for", &client.ip().to_string());
+        headers.set("X-Forwarded-For", forwarded_for);
+        headers.set("X-Forwarded-Proto", "http");
+        if let Some(host) = headers.get("host").map(<[u8]>::to_vec) {
+            headers.set("X-Forwarded-Host", host);
+        }
+        self.add_via(headers, req.version);
+        if body == BodyKind::Chunked {
+            headers.append("Transfer-Encoding", "chunked");
+        }
+
+        let mut out = Vec::with_capacity(512);
+        out.extend_from_slice(req.method.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(req.target.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        req.headers.write_to(&mut out);
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+
+    fn add_via(&self, headers: &mut Headers, received: Version) {
+        let version = match received {
+            Version::Http10 => "1.0",
+            Version::Http11 => "1.1",
+        };
+        let via = joined(headers, "via", &format!("{version} {}", self.via));
+        headers.set("Via", via);
+    }
+
+    /// Sends the request and reads up to the final response head.
+    fn exchange(
+        &self,
+        conn: &mut Pooled,
+        head: &[u8],
+        req: &Request,
+        downstream: &mut Downstream,
+    ) -> Result<(ResponseHead, BodyKind), Failure> {
+        let up = conn.conn();
+        up.stream
+            .write_all(head)
+            .map_err(|e| Failure::upstream_io("write", &e, true))?;
+        send_body(downstream, &mut up.stream)?;
+
+        let mut received_any = !up.buf.is_empty();
+        loop {
+            match response::parse(up.buf.filled(), self.max_head) {
+                Ok(Some((head, len))) => {
+                    up.buf.consume(len);
+                    if head.status == 101 {
+                        return Err(Failure::new(502, "upstream switched protocols unasked"));
+                    }
+                    if head.is_informational() {
+                        let mut interim = head;
+                        strip_hop_by_hop(&mut interim.headers);
+                        downstream
+                            .send_interim(&interim)
+                            .map_err(|e| Failure::new(502, format!("client write failed: {e}")))?;
+                        continue;
+                    }
+                    let kind = response::body_kind(&head, &req.method).map_err(|e| Failure::new(502, e.reason))?;
+                    return Ok((head, kind));
+                }
+                Ok(None) => {}
+                Err(e) => return Err(Failure::new(502, e.reason)),
+            }
+            match up.buf.read_from(&mut up.stream) {
+                Ok(0) => {
+                    return Err(Failure {
+                        status: 502,
+                        reason: "upstream closed the connection without a response".into(),
+                        before_response: !received_any,
+                    })
+                }
+                Ok(_) => received_any = true,
+                Err(e) => return Err(Failure::upstream_io("read", &e, !received_any)),
+            }
+        }
+    }
+}
+
+/// Streams the request body upstream, re-framing chunked bodies.
+fn send_body(downstream: &mut Downstream, upstream: &mut impl Write) -> Result<(), Failure> {
+    let chunked = downstream.body_kind() == BodyKind::Chunked;
+    let mut frame = Vec::new();
+    while let Some(data) = downstream.read_body().map_err(Failure::client)? {
+        let written = if chunked {
+            frame.clear();
+            encode_chunk_header(&mut frame, data.len());
+            frame.extend_from_slice(data);
+            frame.extend_from_slice(CHUNK_END);
+            upstream.write_all(&frame)
+        } else {
+            upstream.write_all(data)
+        };
+        written.map_err(|e| Failure::upstream_io("write", &e, false))?;
+    }
+    if chunked {
+        frame.clear();
+        encode_last_chunk(&mut frame, downstream.trailers());
+        upstream
+            .write_all(&frame)
+            .map_err(|e| Failure::upstream_io("write", &e, false))?;
+    }
+    Ok(())
+}
+
+/// Field values of `name` so far, then `ours`, as one comma-separated list.
+fn joined(headers: &Headers, name: &str, ours: &str) -> String {
+    let mut list: Vec<&[u8]> = headers.get_all(name).collect();
+    list.push(ours.as_bytes());
+    String::from_utf8_lossy(&list.join(&b", "[..])).into_owned()
+}
+
+/// Fields meant for one connection only (RFC 9110 §7.6.1), never forwarded.
+const HOP_BY_HOP: [&str; 6] = ["connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade"];
+
+fn strip_hop_by_hop(headers: &mut Headers) {
+    let listed: Vec<Vec<u8>> = headers.list("connection").map(<[u8]>::to_ascii_lowercase).collect();
+    headers.retain(|name, _| {
+        !HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+            && !listed.iter().any(|l| name.eq_ignore_ascii_case(l))
+    });
+}
+
+/// An upstream response body, read straight off the pooled connection.
+struct UpstreamBody {
+    conn: Option<Pooled>,
+    reader: BodyReader,
+    length: Option<u64>,
+    /// The upstream keeps the connection open after this body.
+    reusable: bool,
+}
+
+impl BodyStream for UpstreamBody {
+    fn length(&self) -> Option<u64> {
+        self.length
+    }
+
+    fn next_chunk(&mut self) -> Result<Option<&[u8]>, BodyError> {
+        let up = self.conn.as_mut().expect("held until dropped").conn();
+        self.reader.next(&mut up.stream, &mut up.buf)
+    }
+
+    fn trailers(&self) -> &[u8] {
+        self.reader.trailers()
+    }
+}
+
+impl Drop for UpstreamBody {
+    /// Back to the pool only if the body was read to its end; otherwise the
+    /// connection is mid-message and closes.
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if self.reusable && self.reader.is_done() {
+                conn.release();
+            }
+        }
+    }
+}

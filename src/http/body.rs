@@ -1,0 +1,227 @@
+//! Message body framing: how long a body is, and pulling it off a socket in
+//! bounded pieces so nothing ever holds a whole body.
+
+use std::io::{self, Read};
+
+use super::chunked::{ChunkError, ChunkedDecoder, Step};
+
+/// How a message body is delimited (RFC 9112 §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Only for responses: the body ends when the upstream closes.
+    UntilClose,
+}
+
+/// Bytes read from a socket but not yet used: the rest of a head, a body, or
+/// a pipelined request. Storage is dropped while a connection idles.
+#[derive(Default)]
+pub struct ReadBuf {
+    bytes: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+/// One read asks the kernel for this much.
+const READ_SIZE: usize = 32 * 1024;
+
+impl ReadBuf {
+    pub fn filled(&self) -> &[u8] {
+        &self.bytes[self.start..self.end]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    pub fn consume(&mut self, n: usize) {
+        self.take(n);
+    }
+
+    /// Consumes `n` bytes and returns them; they stay valid until the next read.
+    pub fn take(&mut self, n: usize) -> &[u8] {
+        let start = self.start;
+        self.start += n;
+        debug_assert!(self.start <= self.end);
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        &self.bytes[start..start + n]
+    }
+
+    /// One `read` into free space; `Ok(0)` is end of stream.
+    pub fn read_from(&mut self, src: &mut impl Read) -> io::Result<usize> {
+        if self.bytes.len() - self.end < READ_SIZE / 2 {
+            if self.start > 0 {
+                self.bytes.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            if self.bytes.len() - self.end < READ_SIZE / 2 {
+                self.bytes.resize(self.end + READ_SIZE, 0);
+            }
+        }
+        let n = src.read(&mut self.bytes[self.end..])?;
+        self.end += n;
+        Ok(n)
+    }
+
+    /// Frees the storage of an empty buffer, so idle connections cost little memory.
+    pub fn release(&mut self) {
+        if self.is_empty() {
+            self.bytes = Vec::new();
+        }
+    }
+}
+
+/// Why a body could not be read to its end.
+#[derive(Debug)]
+pub enum BodyError {
+    /// Read error or timeout (`WouldBlock` / `TimedOut`).
+    Io(io::Error),
+    /// The peer closed before the body was complete.
+    Closed,
+    Malformed(ChunkError),
+    /// More than the configured maximum.
+    TooLarge,
+}
+
+impl BodyError {
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, BodyError::Io(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut))
+    }
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyError::Io(e) if self.is_timeout() => write!(f, "timed out ({e})"),
+            BodyError::Io(e) => write!(f, "{e}"),
+            BodyError::Closed => f.write_str("connection closed before the body ended"),
+            BodyError::Malformed(e) => write!(f, "malformed chunked body: {e:?}"),
+            BodyError::TooLarge => f.write_str("body too large"),
+        }
+    }
+}
+
+/// Where a body stands: the explicit state machine over the framing kinds.
+enum State {
+    Length { remaining: u64 },
+    Chunked(ChunkedDecoder),
+    UntilClose,
+    Done,
+}
+
+/// Pulls one body off a connection, piece by piece.
+pub struct BodyReader {
+    state: State,
+    received: u64,
+    /// 0: no limit.
+    limit: u64,
+}
+
+/// Bounds chunk extensions per line and the whole trailer section.
+const MAX_CHUNK_META: usize = 16 * 1024;
+
+impl BodyReader {
+    pub fn new(kind: BodyKind, limit: u64) -> BodyReader {
+        let state = match kind {
+            BodyKind::Empty | BodyKind::Length(0) => State::Done,
+            BodyKind::Length(remaining) => State::Length { remaining },
+            BodyKind::Chunked => State::Chunked(ChunkedDecoder::new(MAX_CHUNK_META)),
+            BodyKind::UntilClose => State::UntilClose,
+        };
+        BodyReader {
+            state,
+            received: 0,
+            limit,
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        match &self.state {
+            State::Done => true,
+            State::Chunked(decoder) => decoder.is_done(),
+            State::Length { .. } | State::UntilClose => false,
+        }
+    }
+
+    /// Body bytes delivered so far.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    /// Raw trailer lines of a chunked body (each ending in CRLF); empty otherwise.
+    pub fn trailers(&self) -> &[u8] {
+        match &self.state {
+            State::Chunked(decoder) => decoder.trailers(),
+            _ => &[],
+        }
+    }
+
+    /// The next piece of body, reading from `src` into `buf` when `buf` runs dry.
+    /// `Ok(None)` once the body has ended; bytes after it stay in `buf`.
+    pub fn next<'b>(
+        &mut self,
+        src: &mut impl Read,
+        buf: &'b mut ReadBuf,
+    ) -> Result<Option<&'b [u8]>, BodyError> {
+        loop {
+            if self.is_done() {
+                return Ok(None);
+            }
+            if buf.is_empty() {
+                match buf.read_from(src) {
+                    Ok(0) => return self.end_of_stream().map(|()| None),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(BodyError::Io(e)),
+                }
+            }
+            let step = self.decode(buf.filled())?;
+            if let Some(data) = step.data {
+                self.received += data.len() as u64;
+                if self.limit != 0 && self.received > self.limit {
+                    return Err(BodyError::TooLarge);
+                }
+                return Ok(Some(&buf.take(step.consumed)[data]));
+            }
+            // Framing only: the decoder always consumes some of a non-empty input.
+            buf.consume(step.consumed);
+        }
+    }
+
+    fn decode(&mut self, input: &[u8]) -> Result<Step, BodyError> {
+        let step = match &mut self.state {
+            State::Done => Step { consumed: 0, data: None },
+            State::Length { remaining } => {
+                let n = (*remaining).min(input.len() as u64) as usize;
+                *remaining -= n as u64;
+                if *remaining == 0 {
+                    self.state = State::Done;
+                }
+                Step { consumed: n, data: Some(0..n) }
+            }
+            State::UntilClose => Step {
+                consumed: input.len(),
+                data: Some(0..input.len()),
+            },
+            // Stays in this state when done, to keep its trailers.
+            State::Chunked(decoder) => decoder.decode(input).map_err(BodyError::Malformed)?,
+        };
+        Ok(step)
+    }
+
+    fn end_of_stream(&mut self) -> Result<(), BodyError> {
+        match self.state {
+            State::UntilClose => {
+                self.state = State::Done;
+                Ok(())
+            }
+            _ => Err(BodyError::Closed),
+        }
+    }
+}

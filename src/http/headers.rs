@@ -1,0 +1,178 @@
+//! An ordered header list that keeps repeats (Set-Cookie) and original case.
+//!
+//! Names and values live in one byte buffer with ranges into it, so a parsed
+//! head costs two allocations instead of one per header, and the list can be
+//! cleared and reused.
+
+use std::ops::Range;
+
+#[derive(Clone, Default)]
+pub struct Headers {
+    bytes: Vec<u8>,
+    entries: Vec<Entry>,
+}
+
+#[derive(Clone)]
+struct Entry {
+    name: Range<u32>,
+    value: Range<u32>,
+}
+
+impl Headers {
+    pub fn new() -> Headers {
+        Headers::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn append(&mut self, name: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
+        let name = self.push_bytes(name.as_ref());
+        let value = self.push_bytes(value.as_ref());
+        self.entries.push(Entry { name, value });
+    }
+
+    /// Replaces every field of this name with one.
+    pub fn set(&mut self, name: &str, value: impl AsRef<[u8]>) {
+        self.remove(name);
+        self.append(name, value);
+    }
+
+    /// Removes every field of this name; true if there was one.
+    pub fn remove(&mut self, name: &str) -> bool {
+        let before = self.entries.len();
+        let bytes = &self.bytes;
+        self.entries
+            .retain(|e| !bytes[range(&e.name)].eq_ignore_ascii_case(name.as_bytes()));
+        before != self.entries.len()
+    }
+
+    /// Keeps only the fields for which `keep(name, value)` is true.
+    pub fn retain(&mut self, mut keep: impl FnMut(&[u8], &[u8]) -> bool) {
+        let bytes = &self.bytes;
+        self.entries
+            .retain(|e| keep(&bytes[range(&e.name)], &bytes[range(&e.value)]));
+    }
+
+    /// The first value of `name`.
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.get_all(name).next()
+    }
+
+    pub fn get_str(&self, name: &str) -> Option<&str> {
+        self.get(name).and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    pub fn get_all<'a, 'n>(&'a self, name: &'n str) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n> {
+        self.iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// Every comma-separated element of every `name` field, trimmed.
+    pub fn list<'a, 'n>(&'a self, name: &'n str) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n> {
+        self.get_all(name)
+            .flat_map(|v| v.split(|&b| b == b','))
+            .map(trim)
+            .filter(|item| !item.is_empty())
+    }
+
+    /// True if a comma-separated `name` field holds `token` (case-insensitive).
+    pub fn has_token(&self, name: &str, token: &str) -> bool {
+        self.list(name)
+            .any(|item| item.eq_ignore_ascii_case(token.as_bytes()))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.entries
+            .iter()
+            .map(|e| (&self.bytes[range(&e.name)], &self.bytes[range(&e.value)]))
+    }
+
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.entries.clear();
+    }
+
+    /// Appends `Name: value\r\n` for every field.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        for (name, value) in self.iter() {
+            out.extend_from_slice(name);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+
+    fn push_bytes(&mut self, b: &[u8]) -> Range<u32> {
+        let start = self.bytes.len() as u32;
+        self.bytes.extend_from_slice(b);
+        start..self.bytes.len() as u32
+    }
+}
+
+impl std::fmt::Debug for Headers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.iter().map(|(n, v)| {
+                (String::from_utf8_lossy(n), String::from_utf8_lossy(v))
+            }))
+            .finish()
+    }
+}
+
+fn range(r: &Range<u32>) -> Range<usize> {
+    r.start as usize..r.end as usize
+}
+
+/// Strips optional whitespace (SP / HTAB) from both ends.
+pub fn trim(mut b: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = b {
+        b = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = b {
+        b = rest;
+    }
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_order_repeats_and_case() {
+        let mut h = Headers::new();
+        h.append("Set-Cookie", "a=1");
+        h.append("X-One", "1");
+        h.append("set-cookie", "b=2");
+        let all: Vec<_> = h.get_all("SET-COOKIE").collect();
+        assert_eq!(all, [&b"a=1"[..], b"b=2"]);
+        let mut out = Vec::new();
+        h.write_to(&mut out);
+        assert_eq!(out, b"Set-Cookie: a=1\r\nX-One: 1\r\nset-cookie: b=2\r\n");
+    }
+
+    #[test]
+    fn remove_set_and_tokens() {
+        let mut h = Headers::new();
+        h.append("Connection", "keep-alive, X-Foo");
+        h.append("connection", " Upgrade ");
+        assert!(h.has_token("connection", "x-foo"));
+        assert!(h.has_token("connection", "upgrade"));
+        assert!(!h.has_token("connection", "close"));
+        h.set("Connection", "close");
+        assert_eq!(h.len(), 1);
+        assert!(h.remove("CONNECTION"));
+        assert!(h.is_empty());
+    }
+}

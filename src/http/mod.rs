@@ -1,0 +1,134 @@
+//! HTTP/1.1 message syntax (RFC 9112): heads, body framing, serialisation.
+
+pub mod body;
+pub mod chunked;
+pub mod headers;
+pub mod request;
+pub mod response;
+
+pub use body::{BodyKind, ReadBuf};
+pub use headers::Headers;
+pub use request::{Framing, Limits, Request};
+pub use response::ResponseHead;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    Http10,
+    Http11,
+}
+
+impl Version {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Version::Http10 => "HTTP/1.0",
+            Version::Http11 => "HTTP/1.1",
+        }
+    }
+
+    fn from_minor(minor: u8) -> Version {
+        if minor == 0 {
+            Version::Http10
+        } else {
+            Version::Http11
+        }
+    }
+}
+
+/// A message we refuse: the status to answer with and why, for the log and the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpError {
+    pub status: u16,
+    pub reason: &'static str,
+}
+
+impl HttpError {
+    pub const fn new(status: u16, reason: &'static str) -> HttpError {
+        HttpError { status, reason }
+    }
+}
+
+impl std::fmt::Display for HttpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.status, self.reason)
+    }
+}
+
+/// The canonical reason phrase for a status code.
+pub fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        101 => "Switching Protocols",
+        103 => "Early Hints",
+        200 => "OK",
+        201 => "Created",
+        202 => "Accepted",
+        204 => "No Content",
+        206 => "Partial Content",
+        301 => "Moved Permanently",
+        302 => "Found",
+        304 => "Not Modified",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        414 => "URI Too Long",
+        417 => "Expectation Failed",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
+        _ => "",
+    }
+}
+
+/// Rejects a head with a bare CR or LF, or a NUL anywhere: httparse tolerates
+/// bare LF line endings, and a peer that disagrees about line ends is the
+/// classic way to smuggle a second request past us.
+fn check_line_endings(head: &[u8]) -> Result<(), &'static str> {
+    for (i, &b) in head.iter().enumerate() {
+        match b {
+            b'\n' if i == 0 || head[i - 1] != b'\r' => return Err("bare LF line ending"),
+            b'\r' if head.get(i + 1) != Some(&b'\n') => return Err("bare CR in head"),
+            0 => return Err("NUL byte in head"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Parses a Content-Length field set: every value must be digits and all must agree.
+fn content_length(headers: &Headers) -> Result<Option<u64>, &'static str> {
+    let mut length = None;
+    for value in headers.list("content-length") {
+        if !value.iter().all(u8::is_ascii_digit) {
+            return Err("malformed Content-Length");
+        }
+        let n = std::str::from_utf8(value)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or("Content-Length too large")?;
+        if length.is_some_and(|prev| prev != n) {
+            return Err("conflicting Content-Length values");
+        }
+        length = Some(n);
+    }
+    if length.is_none() && headers.contains("content-length") {
+        return Err("empty Content-Length");
+    }
+    Ok(length)
+}
+
+/// True if the last transfer coding is chunked, as framing requires (RFC 9112 §6.1).
+fn chunked_is_last(headers: &Headers) -> bool {
+    headers
+        .list("transfer-encoding")
+        .last()
+        .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
+}

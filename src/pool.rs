@@ -1,0 +1,364 @@
+//! The global pool of upstream connections.
+//!
+//! Per upstream address: idle connections in a LIFO stack (the most recently
+//! used is the one most likely still open and warm), a cap on idle and on
+//! total connections, and an idle timeout. A connection is checked for
+//! liveness right before it is handed out, on that very socket.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex, RwLock};
+
+use crate::config::Config;
+use crate::http::ReadBuf;
+
+pub struct Pool {
+    hosts: RwLock<HashMap<SocketAddr, Arc<Host>>>,
+    limits: PoolLimits,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    evictions: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct PoolLimits {
+    pub max_idle_per_host: usize,
+    /// 0: no limit.
+    pub max_conns_per_host: usize,
+    pub idle_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+}
+
+impl PoolLimits {
+    pub fn from_config(config: &Config) -> PoolLimits {
+        PoolLimits {
+            max_idle_per_host: config.pool.max_idle_per_host,
+            max_conns_per_host: config.pool.max_conns_per_host,
+            idle_timeout: config.pool.idle_timeout.0,
+            connect_timeout: config.upstream.connect_timeout.0,
+            read_timeout: config.upstream.read_timeout.0,
+            write_timeout: config.upstream.write_timeout.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Checkouts served by an idle connection.
+    pub hits: u64,
+    /// Checkouts that opened a new connection.
+    pub misses: u64,
+    /// Idle connections closed: expired, found dead, or over `max_idle_per_host`.
+    pub evictions: u64,
+}
+
+struct Host {
+    state: Mutex<HostState>,
+    /// Signalled whenever a connection slot frees up.
+    freed: Condvar,
+}
+
+#[derive(Default)]
+struct HostState {
+    idle: Vec<(Upstream, Instant)>,
+    /// Idle plus checked-out connections.
+    open: usize,
+}
+
+/// An upstream connection with the bytes read from it but not yet used.
+pub struct Upstream {
+    pub stream: TcpStream,
+    pub buf: ReadBuf,
+}
+
+#[derive(Debug)]
+pub enum PoolError {
+    Connect(io::Error),
+    /// `max_conns_per_host` connections were busy for the whole connect timeout.
+    Exhausted,
+}
+
+/// A checked-out connection. Dropping it closes it; [`Pooled::release`] returns it.
+pub struct Pooled {
+    conn: Option<Upstream>,
+    host: Arc<Host>,
+    pool: Arc<Pool>,
+    /// True if it served an earlier request (it may have been closed meanwhile).
+    pub reused: bool,
+}
+
+impl Pool {
+    pub fn new(limits: PoolLimits) -> Arc<Pool> {
+        Arc::new(Pool {
+            hosts: RwLock::new(HashMap::new()),
+            limits,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+        })
+    }
+
+    pub fn limits(&self) -> &PoolLimits {
+        &self.limits
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        PoolStats {
+            hits: self.hits.load(Relaxed),
+            misses: self.misses.load(Relaxed),
+            evictions: self.evictions.load(Relaxed),
+        }
+    }
+
+    fn host(&self, addr: SocketAddr) -> Arc<Host> {
+        if let Some(host) = self.hosts.read().get(&addr) {
+            return host.clone();
+        }
+        self.hosts
+            .write()
+            .entry(addr)
+            .or_insert_with(|| {
+                Arc::new(Host {
+                    state: Mutex::new(HostState::default()),
+                    freed: Condvar::new(),
+                })
+            })
+            .clone()
+    }
+
+    /// A live idle connection to `addr`, or a new one.
+    pub fn checkout(self: &Arc<Self>, addr: SocketAddr) -> Result<Pooled, PoolError> {
+        self.checkout_with(addr, true)
+    }
+
+    /// A newly opened connection, for retrying after a reused one failed.
+    pub fn checkout_fresh(self: &Arc<Self>, addr: SocketAddr) -> Result<Pooled, PoolError> {
+        self.checkout_with(addr, false)
+    }
+
+    fn checkout_with(self: &Arc<Self>, addr: SocketAddr, reuse: bool) -> Result<Pooled, PoolError> {
+        let host = self.host(addr);
+        let deadline = Instant::now() + self.limits.connect_timeout;
+        let mut state = host.state.lock();
+        loop {
+            while reuse {
+                let Some((conn, since)) = state.idle.pop() else { break };
+                if since.elapsed() < self.limits.idle_timeout && is_alive(&conn.stream) {
+                    drop(state);
+                    self.hits.fetch_add(1, Relaxed);
+                    return Ok(self.pooled(conn, host, true));
+                }
+                state.open -= 1;
+                self.evictions.fetch_add(1, Relaxed);
+            }
+            let max = self.limits.max_conns_per_host;
+            if max == 0 || state.open < max {
+                state.open += 1;
+                drop(state);
+                self.misses.fetch_add(1, Relaxed);
+                return match self.connect(addr) {
+                    Ok(conn) => Ok(self.pooled(conn, host, false)),
+                    Err(e) => {
+                        host.state.lock().open -= 1;
+                        host.freed.notify_one();
+                        Err(PoolError::Connect(e))
+                    }
+                };
+            }
+            if host.freed.wait_until(&mut state, deadline).timed_out() {
+                return Err(PoolError::Exhausted);
+            }
+        }
+    }
+
+    fn pooled(self: &Arc<Self>, conn: Upstream, host: Arc<Host>, reused: bool) -> Pooled {
+        Pooled {
+            conn: Some(conn),
+            host,
+            pool: self.clone(),
+            reused,
+        }
+    }
+
+    fn connect(&self, addr: SocketAddr) -> io::Result<Upstream> {
+        let stream = TcpStream::connect_timeout(&addr, self.limits.connect_timeout)?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(self.limits.read_timeout))?;
+        stream.set_write_timeout(Some(self.limits.write_timeout))?;
+        Ok(Upstream {
+            stream,
+            buf: ReadBuf::default(),
+        })
+    }
+
+    /// Closes idle connections past `idle_timeout`; run periodically.
+    pub fn evict_expired(&self) {
+        let hosts: Vec<Arc<Host>> = self.hosts.read().values().cloned().collect();
+        for host in hosts {
+            let mut state = host.state.lock();
+            let before = state.idle.len();
+            let timeout = self.limits.idle_timeout;
+            state.idle.retain(|(_, since)| since.elapsed() < timeout);
+            let evicted = before - state.idle.len();
+            state.open -= evicted;
+            drop(state);
+            if evicted > 0 {
+                self.evictions.fetch_add(evicted as u64, Relaxed);
+                host.freed.notify_all();
+            }
+        }
+    }
+}
+
+/// An idle upstream socket is alive if reading would block: 0 means the
+/// upstream closed it, data means it sent something unasked (unusable).
+fn is_alive(stream: &TcpStream) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: recv into one valid byte on a socket we own.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+}
+
+impl Pooled {
+    pub fn conn(&mut self) -> &mut Upstream {
+        self.conn.as_mut().expect("connection present until released")
+    }
+
+    /// Returns a connection whose last response ended cleanly to the idle stack.
+    pub fn release(mut self) {
+        let conn = self.conn.take().expect("released once");
+        if !conn.buf.is_empty() {
+            return; // unread bytes: the upstream broke framing; Drop closes it
+        }
+        let mut state = self.host.state.lock();
+        if state.idle.len() < self.pool.limits.max_idle_per_host {
+            state.idle.push((conn, Instant::now()));
+            drop(state);
+            self.host.freed.notify_one();
+        } else {
+            state.open -= 1;
+            drop(state);
+            self.pool.evictions.fetch_add(1, Relaxed);
+            self.host.freed.notify_one();
+        }
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        // Still holding the connection: it is not reusable, so it closes here.
+        if self.conn.take().is_some() {
+            self.host.state.lock().open -= 1;
+            self.host.freed.notify_one();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::net::TcpListener;
+
+    fn limits() -> PoolLimits {
+        PoolLimits {
+            max_idle_per_host: 1,
+            max_conns_per_host: 2,
+            idle_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_millis(200),
+            read_timeout: Duration::from_secs(1),
+            write_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn reuses_lifo_and_counts() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pool = Pool::new(limits());
+        let a = pool.checkout(addr).unwrap();
+        let b = pool.checkout(addr).unwrap();
+        let (_sa, _) = listener.accept().unwrap();
+        let (_sb, _) = listener.accept().unwrap();
+        let b_port = b.conn.as_ref().unwrap().stream.local_addr().unwrap();
+        a.release();
+        b.release(); // over max_idle_per_host = 1: evicted
+        let mut again = pool.checkout(addr).unwrap();
+        assert!(again.reused);
+        assert_ne!(again.conn().stream.local_addr().unwrap(), b_port);
+        assert_eq!(pool.stats(), PoolStats { hits: 1, misses: 2, evictions: 1 });
+    }
+
+    #[test]
+    fn dead_idle_connection_is_not_handed_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pool = Pool::new(limits());
+        pool.checkout(addr).unwrap().release();
+        let (server_side, _) = listener.accept().unwrap();
+        drop(server_side); // the upstream closes the idle connection
+        std::thread::sleep(Duration::from_millis(50));
+        let fresh = pool.checkout(addr).unwrap();
+        assert!(!fresh.reused);
+        assert_eq!(pool.stats().evictions, 1);
+    }
+
+    #[test]
+    fn unexpected_bytes_make_a_connection_dead() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pool = Pool::new(limits());
+        pool.checkout(addr).unwrap().release();
+        let (mut server_side, _) = listener.accept().unwrap();
+        server_side.write_all(b"HTTP/1.1 408 Timeout\r\n\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!pool.checkout(addr).unwrap().reused);
+    }
+
+    #[test]
+    fn max_conns_waits_then_gives_up() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pool = Pool::new(limits());
+        let _a = pool.checkout(addr).unwrap();
+        let b = pool.checkout(addr).unwrap();
+        assert!(matches!(pool.checkout(addr), Err(PoolError::Exhausted)));
+        let waiter = {
+            let pool = pool.clone();
+            std::thread::spawn(move || pool.checkout(addr).map(|c| c.reused))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        b.release();
+        assert!(matches!(waiter.join().unwrap(), Ok(true)));
+    }
+
+    #[test]
+    fn idle_timeout_evicts() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pool = Pool::new(PoolLimits {
+            idle_timeout: Duration::from_millis(20),
+            ..limits()
+        });
+        pool.checkout(addr).unwrap().release();
+        std::thread::sleep(Duration::from_millis(40));
+        pool.evict_expired();
+        assert_eq!(pool.stats().evictions, 1);
+        assert!(!pool.checkout(addr).unwrap().reused);
+    }
+}

@@ -1,0 +1,262 @@
+//! The threaded server: a fixed pool of workers sharing one epoll set.
+//!
+//! Each worker loops on [`Reactor::wait`]. The listener's event makes a worker
+//! accept every pending connection and park it; a client's event makes a
+//! worker take that connection and serve what has arrived
+//! ([`connection::serve`]), then park it again or close it. A housekeeping
+//! thread closes parked connections past their deadline and stale pooled ones.
+
+mod connection;
+mod downstream;
+mod parked;
+mod reactor;
+
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub use downstream::Downstream;
+
+use crate::config::Config;
+use crate::http::Limits;
+use crate::modules;
+use crate::pipeline::{BuildEnv, Pipeline, Stage};
+use crate::pool::{Pool, PoolLimits};
+use connection::{Conn, Next};
+use parked::Parked;
+use reactor::Reactor;
+
+/// The epoll token of the listening socket.
+const LISTENER: u64 = 0;
+/// Workers block on upstream I/O, so their stacks stay small and many.
+const WORKER_STACK: usize = 256 * 1024;
+const HOUSEKEEPING_TICK: Duration = Duration::from_millis(100);
+
+/// What every worker shares.
+pub struct Shared {
+    pipeline: Pipeline,
+    limits: Limits,
+    header_timeout: Duration,
+    keepalive_timeout: Duration,
+    body_timeout: Duration,
+    write_timeout: Duration,
+    max_connections: usize,
+    shutting_down: AtomicBool,
+    /// Client connections within `max_connections` (over-limit ones are not counted).
+    open: Arc<AtomicUsize>,
+    /// Connections a worker is serving right now.
+    busy: AtomicUsize,
+    reactor: Reactor,
+    parked: Parked,
+    listener: TcpListener,
+    pool: Arc<Pool>,
+}
+
+/// A running server. Dropping it does not stop it; call [`Server::shutdown`].
+pub struct Server {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+}
+
+impl Server {
+    /// Builds the pipeline from the built-in modules plus `extra` stages
+    /// (script modules, plugins), binds the listener and starts the workers.
+    pub fn start(config: &Config, extra: Vec<Stage>) -> Result<Server, Box<dyn std::error::Error>> {
+        let pool = Pool::new(PoolLimits::from_config(config));
+        let mut stages = modules::build_all(&config.modules, &BuildEnv { config, pool: &pool })?;
+        stages.extend(extra);
+        let pipeline = Pipeline::new(stages);
+
+        let addr = config.server.listen_addr;
+        let listener = TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        listener.set_nonblocking(true)?;
+        // std listens with a backlog of 128; bursts of thousands of clients need more.
+        // SAFETY: listen(2) on a socket we own.
+        unsafe { libc::listen(listener.as_raw_fd(), 4096) };
+        let local_addr = listener.local_addr()?;
+        let reactor = Reactor::new()?;
+        reactor.add(listener.as_raw_fd(), LISTENER)?;
+
+        let s = &config.server;
+        let shared = Arc::new(Shared {
+            pipeline,
+            limits: Limits {
+                max_request_line: s.max_request_line.get(),
+                max_header_size: s.max_header_size.get(),
+                max_headers: s.max_headers.get().into(),
+                max_body_size: s.max_body_size,
+            },
+            header_timeout: s.header_timeout.0,
+            keepalive_timeout: s.keepalive_timeout.0,
+            body_timeout: s.body_timeout.0,
+            write_timeout: s.write_timeout.0,
+            max_connections: s.max_connections.get(),
+            shutting_down: AtomicBool::new(false),
+            open: Arc::new(AtomicUsize::new(0)),
+            busy: AtomicUsize::new(0),
+            reactor,
+            parked: Parked::new(),
+            listener,
+            pool,
+        });
+        for i in 0..s.workers.get() {
+            let shared = shared.clone();
+            thread::Builder::new()
+                .name(format!("worker-{i}"))
+                .stack_size(WORKER_STACK)
+                .spawn(move || worker(&shared))?;
+        }
+        let housekeeper = shared.clone();
+        thread::Builder::new()
+            .name("housekeeping".into())
+            .spawn(move || housekeeping(&housekeeper))?;
+
+        let stages: Vec<String> = shared
+            .pipeline
+            .stages()
+            .iter()
+            .map(|st| format!("{}({})", st.name, st.priority))
+            .collect();
+        log::info!(
+            "listening on {local_addr}, forwarding to {} with {} workers; pipeline: {}",
+            s.backend_addr,
+            s.workers,
+            stages.join(" → ")
+        );
+        Ok(Server { shared, local_addr })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting, closes idle connections, and waits up to `timeout`
+    /// for in-flight requests (their connections close after the response).
+    pub fn shutdown(&self, timeout: Duration) {
+        let shared = &self.shared;
+        shared.shutting_down.store(true, Relaxed);
+        let _ = shared.reactor.remove(shared.listener.as_raw_fd());
+        // SAFETY: shutdown(2) on our listening socket: new connections are refused.
+        unsafe { libc::shutdown(shared.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        let deadline = Instant::now() + timeout;
+        loop {
+            drop(shared.parked.drain());
+            let busy = shared.busy.load(Relaxed);
+            if busy == 0 {
+                log::info!("shutdown complete");
+                return;
+            }
+            if Instant::now() >= deadline {
+                log::warn!("shutdown_timeout passed with {busy} connection(s) still busy");
+                return;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn worker(shared: &Arc<Shared>) {
+    loop {
+        let token = match shared.reactor.wait() {
+            Ok(token) => token,
+            Err(e) => {
+                log::error!("epoll_wait failed: {e}");
+                thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if token == LISTENER {
+            accept_pending(shared);
+            continue;
+        }
+        let Some(conn) = shared.parked.take(token) else {
+            continue; // expired or drained between the event and now
+        };
+        shared.busy.fetch_add(1, Relaxed);
+        match catch_unwind(AssertUnwindSafe(|| connection::serve(conn, shared))) {
+            Ok(Next::Park(conn)) if !shared.shutting_down.load(Relaxed) => {
+                shared.parked.park(conn, &shared.reactor)
+            }
+            Ok(_) => {}
+            Err(_) => log::error!("a connection handler panicked; connection closed, worker continues"),
+        }
+        shared.busy.fetch_sub(1, Relaxed);
+    }
+}
+
+fn accept_pending(shared: &Shared) {
+    loop {
+        match shared.listener.accept() {
+            Ok((stream, peer)) => {
+                if let Err(e) = admit(shared, stream, peer) {
+                    log::warn!("{peer}: cannot set up connection: {e}");
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                // EMFILE and friends: leave the rest in the backlog for a moment.
+                log::error!("accept failed: {e}");
+                thread::sleep(Duration::from_millis(10));
+                break;
+            }
+        }
+    }
+    if !shared.shutting_down.load(Relaxed) {
+        if let Err(e) = shared.reactor.rearm(shared.listener.as_raw_fd(), LISTENER) {
+            log::error!("cannot re-arm the listener: {e}");
+        }
+    }
+}
+
+fn admit(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(shared.body_timeout))?;
+    stream.set_write_timeout(Some(shared.write_timeout))?;
+    let slot = OpenSlot::claim(&shared.open, shared.max_connections);
+    let conn = Conn {
+        stream,
+        peer,
+        buf: Default::default(),
+        token: shared.parked.new_token(),
+        registered: false,
+        deadline: Instant::now() + shared.header_timeout,
+        head_deadline: None,
+        slot,
+    };
+    shared.parked.park(conn, &shared.reactor);
+    Ok(())
+}
+
+/// One of the `max_connections` places; given back when the connection drops.
+pub struct OpenSlot(Arc<AtomicUsize>);
+
+impl OpenSlot {
+    fn claim(open: &Arc<AtomicUsize>, max: usize) -> Option<OpenSlot> {
+        open.fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| OpenSlot(open.clone()))
+    }
+}
+
+impl Drop for OpenSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+fn housekeeping(shared: &Shared) {
+    loop {
+        thread::sleep(HOUSEKEEPING_TICK);
+        for conn in shared.parked.expired(Instant::now()) {
+            conn.expire();
+        }
+        shared.pool.evict_expired();
+        crate::logging::flush();
+    }
+}

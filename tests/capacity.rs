@@ -1,0 +1,142 @@
+//! Idle keep-alive clients cost no thread; bodies stream with bounded memory.
+
+mod common;
+
+use std::io::{BufReader, Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const GIB: u64 = 1 << 30;
+
+/// Samples the proxy's RSS until stopped; returns the peak in KiB.
+fn watch_rss(pid: u32) -> (Arc<AtomicBool>, thread::JoinHandle<u64>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let handle = thread::spawn(move || {
+        let mut peak = 0;
+        while !flag.load(Ordering::Relaxed) {
+            peak = peak.max(rss_kb(pid));
+            thread::sleep(Duration::from_millis(20));
+        }
+        peak
+    });
+    (stop, handle)
+}
+
+#[test]
+fn five_thousand_idle_keep_alive_clients_pin_no_worker() {
+    let backend = Backend::ok("fine");
+    let proxy = Proxy::with(backend.addr, Conf { server: "workers = 8", ..Conf::default() });
+    let mut idle = Vec::with_capacity(5000);
+    for _ in 0..5000 {
+        let mut client = Client::connect(proxy.addr);
+        client.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+        idle.push(client);
+    }
+    for client in &mut idle {
+        assert_eq!(client.response().status, 200);
+    }
+    // All 5000 are now idle keep-alive connections, with 8 workers.
+    thread::sleep(Duration::from_millis(200));
+    let mut slowest = Duration::ZERO;
+    for _ in 0..5 {
+        let started = Instant::now();
+        assert_eq!(get(proxy.addr, "/").text(), "fine");
+        slowest = slowest.max(started.elapsed());
+    }
+    assert!(slowest < Duration::from_millis(100), "a new client waited {slowest:?}");
+    let rss_mb = proxy.rss_kb() / 1024;
+    assert!(rss_mb < 150, "RSS {rss_mb} MB with 5000 idle connections");
+    // And they are still alive and usable.
+    for client in idle.iter_mut().step_by(500) {
+        client.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(client.response().text(), "fine");
+    }
+}
+
+#[test]
+fn a_1_gib_download_streams_in_bounded_memory() {
+    let backend = Backend::raw(|mut stream| {
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        read_request(&mut reader).unwrap();
+        stream
+            .write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {GIB}\r\n\r\n").as_bytes())
+            .unwrap();
+        let block = vec![b'x'; 256 * 1024];
+        let mut left = GIB;
+        while left > 0 {
+            let n = left.min(block.len() as u64) as usize;
+            if stream.write_all(&block[..n]).is_err() {
+                return;
+            }
+            left -= n as u64;
+        }
+    });
+    let proxy = Proxy::start(backend.addr);
+    let before = proxy.rss_kb();
+    let (stop, peak) = watch_rss(proxy.pid());
+    let mut client = Client::connect(proxy.addr);
+    client.send("GET /big HTTP/1.1\r\nHost: a\r\n\r\n");
+    let mut head = String::new();
+    while !head.ends_with("\r\n\r\n") {
+        let mut byte = [0u8];
+        client.reader.read_exact(&mut byte).unwrap();
+        head.push(byte[0] as char);
+    }
+    assert!(head.contains(&format!("Content-Length: {GIB}")), "{head}");
+    let received = std::io::copy(&mut (&mut client.reader).take(GIB), &mut std::io::sink()).unwrap();
+    assert_eq!(received, GIB);
+    stop.store(true, Ordering::Relaxed);
+    let growth_mb = peak.join().unwrap().saturating_sub(before) / 1024;
+    assert!(growth_mb < 32, "RSS grew {growth_mb} MB");
+}
+
+#[test]
+fn a_1_gib_upload_streams_in_bounded_memory() {
+    let received = Arc::new(AtomicU64::new(0));
+    let counter = received.clone();
+    let backend = Backend::raw(move |mut stream| {
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut line = String::new();
+        while line != "\r\n" {
+            line.clear();
+            std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+        }
+        let n = std::io::copy(&mut (&mut reader).take(GIB), &mut std::io::sink()).unwrap();
+        counter.store(n, Ordering::SeqCst);
+        stream.write_all(&response(200, &[], b"stored")).unwrap();
+    });
+    let proxy = Proxy::start(backend.addr);
+    let before = proxy.rss_kb();
+    let (stop, peak) = watch_rss(proxy.pid());
+    let mut client = Client::connect(proxy.addr);
+    client.send(format!("PUT /big HTTP/1.1\r\nHost: a\r\nContent-Length: {GIB}\r\n\r\n"));
+    let block = vec![b'y'; 256 * 1024];
+    for _ in 0..GIB / block.len() as u64 {
+        client.stream.write_all(&block).unwrap();
+    }
+    assert_eq!(client.response().text(), "stored");
+    assert_eq!(received.load(Ordering::SeqCst), GIB);
+    stop.store(true, Ordering::Relaxed);
+    let growth_mb = peak.join().unwrap().saturating_sub(before) / 1024;
+    assert!(growth_mb < 32, "RSS grew {growth_mb} MB");
+}
+
+#[test]
+fn slow_clients_do_not_block_others_while_a_body_streams() {
+    // One client stalls mid-upload (holding its worker); with 2 workers the
+    // other worker still serves everyone else.
+    let backend = Backend::ok("fine");
+    let proxy = Proxy::with(backend.addr, Conf { server: "workers = 2\nbody_timeout = \"5s\"", ..Conf::default() });
+    let mut stalled = TcpStream::connect(proxy.addr).unwrap();
+    stalled.write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nab").unwrap();
+    thread::sleep(Duration::from_millis(100));
+    for _ in 0..20 {
+        assert_eq!(get(proxy.addr, "/").text(), "fine");
+    }
+}
