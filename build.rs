@@ -22,8 +22,14 @@ fn main() {
             println!("cargo:rerun-if-changed={}", path.display());
             let name = path.file_stem().unwrap().to_string_lossy().into_owned();
             let valid = name.starts_with(|c: char| c.is_ascii_lowercase())
-                && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-            assert!(valid, "module file {} must be named in snake_case", path.display());
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            assert!(
+                valid,
+                "module file {} must be named in snake_case",
+                path.display()
+            );
             name
         })
         .collect();
@@ -32,7 +38,12 @@ fn main() {
     let mut out = String::new();
     for name in &names {
         let path = dir.join(format!("{name}.rs"));
-        writeln!(out, "#[path = {:?}]\npub mod {name};", path.display().to_string()).unwrap();
+        writeln!(
+            out,
+            "#[path = {:?}]\npub mod {name};",
+            path.display().to_string()
+        )
+        .unwrap();
     }
     out.push_str(
         "\n/// One `[modules.<name>]` section per built-in module.\n\
@@ -58,5 +69,9 @@ fn main() {
     }
     out.push_str("    Ok(stages)\n}\n");
 
-    fs::write(Path::new(&env::var("OUT_DIR").unwrap()).join("modules.rs"), out).unwrap();
+    fs::write(
+        Path::new(&env::var("OUT_DIR").unwrap()).join("modules.rs"),
+        out,
+    )
+    .unwrap();
 }

@@ -160,7 +160,9 @@ impl<'de> Deserialize<'de> for Dur {
         let text = String::deserialize(d)?;
         match humantime::parse_duration(&text) {
             Ok(d) if !d.is_zero() => Ok(Dur(d)),
-            Ok(_) => Err(serde::de::Error::custom("duration must be greater than zero")),
+            Ok(_) => Err(serde::de::Error::custom(
+                "duration must be greater than zero",
+            )),
             Err(e) => Err(serde::de::Error::custom(format!(
                 "invalid duration {text:?} ({e}); write e.g. \"250ms\", \"2s\", \"1m\""
             ))),
@@ -228,7 +230,8 @@ mod tests {
 
     #[test]
     fn durations_accept_units() {
-        let config = parse("[server]\nheader_timeout = \"250ms\"\nkeepalive_timeout = \"1m\"\n").unwrap();
+        let config =
+            parse("[server]\nheader_timeout = \"250ms\"\nkeepalive_timeout = \"1m\"\n").unwrap();
         assert_eq!(config.server.header_timeout.0, Duration::from_millis(250));
         assert_eq!(config.server.keepalive_timeout.0, Duration::from_secs(60));
     }
@@ -257,7 +260,10 @@ mod tests {
     #[test]
     fn unknown_module_and_module_keys_are_errors() {
         let err = parse("[modules.request_idd]\nenabled = true\n").unwrap_err();
-        assert!(err.contains("request_idd") && err.contains("line 1"), "{err}");
+        assert!(
+            err.contains("request_idd") && err.contains("line 1"),
+            "{err}"
+        );
         let err = parse("[modules.request_id]\nenabled = true\nheadr = \"x\"\n").unwrap_err();
         assert!(err.contains("headr") && err.contains("line 3"), "{err}");
         let err = parse("[modules.request_id]\npriority = \"high\"\n").unwrap_err();
@@ -274,9 +280,20 @@ mod tests {
         // The pipeline it builds: same modules, same priorities.
         let order = |config: &Config| {
             let pool = crate::pool::Pool::new(crate::pool::PoolLimits::from_config(config));
-            let stages = crate::modules::build_all(&config.modules, &BuildEnv { config, pool: &pool }).unwrap();
+            let stages = crate::modules::build_all(
+                &config.modules,
+                &BuildEnv {
+                    config,
+                    pool: &pool,
+                },
+            )
+            .unwrap();
             let pipeline = Pipeline::new(stages);
-            pipeline.stages().iter().map(|s| (s.name.clone(), s.priority)).collect::<Vec<_>>()
+            pipeline
+                .stages()
+                .iter()
+                .map(|s| (s.name.clone(), s.priority))
+                .collect::<Vec<_>>()
         };
         assert_eq!(order(&shipped), order(&default));
 

@@ -19,13 +19,15 @@ const LIMITS: Limits = Limits {
 pub fn start_origin() -> io::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
-    thread::Builder::new().name("demo-origin".into()).spawn(move || {
-        for stream in listener.incoming().flatten() {
-            thread::spawn(move || {
-                let _ = serve(stream);
-            });
-        }
-    })?;
+    thread::Builder::new()
+        .name("demo-origin".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                thread::spawn(move || {
+                    let _ = serve(stream);
+                });
+            }
+        })?;
     log::info!("demo origin listening on {addr}");
     Ok(addr)
 }
@@ -46,14 +48,18 @@ fn serve(mut stream: TcpStream) -> io::Result<()> {
         buf.consume(len);
         let mut body = Vec::new();
         let mut reader = BodyReader::new(framing.body, LIMITS.max_body_size);
-        while let Some(piece) = reader.next(&mut stream, &mut buf).map_err(|e| io::Error::other(e.to_string()))? {
+        while let Some(piece) = reader
+            .next(&mut stream, &mut buf)
+            .map_err(|e| io::Error::other(e.to_string()))?
+        {
             body.extend_from_slice(piece);
         }
         let path = req.target.split('?').next().unwrap_or("/");
         let (status, reply) = match path {
             "/" => (200, b"Hello from the Proxycache demo origin!\n".to_vec()),
             "/headers" => {
-                let mut text = format!("{} {} {}\n", req.method, req.target, req.version.as_str()).into_bytes();
+                let mut text = format!("{} {} {}\n", req.method, req.target, req.version.as_str())
+                    .into_bytes();
                 req.headers.write_to(&mut text);
                 (200, text)
             }
@@ -72,7 +78,11 @@ fn respond(stream: &mut TcpStream, status: u16, body: &[u8], keep_alive: bool) -
         "HTTP/1.1 {status} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n",
         crate::http::reason_phrase(status),
         body.len(),
-        if keep_alive { "" } else { "Connection: close\r\n" }
+        if keep_alive {
+            ""
+        } else {
+            "Connection: close\r\n"
+        }
     )
     .into_bytes();
     out.extend_from_slice(body);

@@ -42,11 +42,14 @@ pub struct AccessRecord<'a> {
 
 /// Installs the logger. The first call wins; later calls (tests) are ignored.
 pub fn init(config: &LogConfig) -> Result<(), String> {
-    let output = open_sink(&config.output).map_err(|e| format!("log.output {:?}: {e}", config.output))?;
+    let output =
+        open_sink(&config.output).map_err(|e| format!("log.output {:?}: {e}", config.output))?;
     let access = match config.access_log.as_str() {
         "off" => None,
         same if same == config.output => Some(None),
-        other => Some(Some(open_sink(other).map_err(|e| format!("log.access_log {other:?}: {e}"))?)),
+        other => Some(Some(
+            open_sink(other).map_err(|e| format!("log.access_log {other:?}: {e}"))?,
+        )),
     };
     let level = match config.level {
         LogLevel::Error => log::LevelFilter::Error,
@@ -131,7 +134,11 @@ pub fn access(r: &AccessRecord) {
             micros / 1000,
             micros % 1000,
             upstream.as_deref().unwrap_or("-"),
-            if r.request_id.is_empty() { "-" } else { r.request_id },
+            if r.request_id.is_empty() {
+                "-"
+            } else {
+                r.request_id
+            },
         ),
         LogFormat::Json => format!(
             "{}\n",

@@ -56,7 +56,9 @@ fn main() -> ExitCode {
     }
     match &source {
         Source::File(path) => log::info!("config loaded from {}", path.display()),
-        Source::Defaults(path) => log::warn!("{} not found; starting with defaults", path.display()),
+        Source::Defaults(path) => {
+            log::warn!("{} not found; starting with defaults", path.display())
+        }
     }
     if matches!(args.command, Some(Command::Demo)) {
         match demo::start_origin() {
@@ -91,7 +93,10 @@ fn run(config: &Config, demo: bool) -> ExitCode {
         demo::print_tryouts(server.local_addr());
     }
     let signal = signals.forever().next();
-    log::info!("signal {} received; shutting down", signal.unwrap_or(SIGTERM));
+    log::info!(
+        "signal {} received; shutting down",
+        signal.unwrap_or(SIGTERM)
+    );
     server.shutdown(config.server.shutdown_timeout.0);
     logging::flush();
     ExitCode::SUCCESS

@@ -93,7 +93,8 @@ impl Response {
     /// A short plain-text answer, such as an error naming its reason.
     pub fn text(status: u16, text: &str) -> Response {
         let mut head = ResponseHead::new(status);
-        head.headers.append("Content-Type", "text/plain; charset=utf-8");
+        head.headers
+            .append("Content-Type", "text/plain; charset=utf-8");
         let body = format!("{status} {}: {text}\n", crate::http::reason_phrase(status));
         Response {
             head,
@@ -141,14 +142,21 @@ impl Pipeline {
             }
         }
         let resp = Response::text(500, "no module answered the request");
-        log::error!("{} no module answered {} {}", ctx.request_id, req.method, req.target);
+        log::error!(
+            "{} no module answered {} {}",
+            ctx.request_id,
+            req.method,
+            req.target
+        );
         (resp, self.stages.len())
     }
 
     /// Runs the response phase over the first `ran` stages, last first.
     pub fn on_response(&self, ran: usize, req: &Request, resp: &mut Response, ctx: &mut Context) {
         for stage in self.stages[..ran].iter().rev() {
-            if let Err(failed) = guarded(stage, ctx, |ctx| stage.module.on_response(req, &mut resp.head, ctx)) {
+            if let Err(failed) = guarded(stage, ctx, |ctx| {
+                stage.module.on_response(req, &mut resp.head, ctx)
+            }) {
                 *resp = failed.into();
                 return;
             }
@@ -158,7 +166,12 @@ impl Pipeline {
     /// Shows a piece of response body to the first `ran` stages. A failure
     /// here cannot become a 500 (the head is already sent): the caller must
     /// end the connection.
-    pub fn on_body_chunk(&self, ran: usize, chunk: &[u8], ctx: &mut Context) -> Result<(), ModuleFailed> {
+    pub fn on_body_chunk(
+        &self,
+        ran: usize,
+        chunk: &[u8],
+        ctx: &mut Context,
+    ) -> Result<(), ModuleFailed> {
         for stage in &self.stages[..ran] {
             guarded(stage, ctx, |ctx| stage.module.on_body_chunk(chunk, ctx))?;
         }
@@ -179,14 +192,22 @@ impl From<ModuleFailed> for Response {
 }
 
 /// Runs one hook, catching a panic and logging it with the module's name.
-fn guarded<T>(stage: &Stage, ctx: &mut Context, hook: impl FnOnce(&mut Context) -> T) -> Result<T, ModuleFailed> {
+fn guarded<T>(
+    stage: &Stage,
+    ctx: &mut Context,
+    hook: impl FnOnce(&mut Context) -> T,
+) -> Result<T, ModuleFailed> {
     catch_unwind(AssertUnwindSafe(|| hook(ctx))).map_err(|payload| {
         let message = payload
             .downcast_ref::<&str>()
             .copied()
             .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
             .unwrap_or("(no message)");
-        log::error!("{} module `{}` panicked: {message}", ctx.request_id, stage.name);
+        log::error!(
+            "{} module `{}` panicked: {message}",
+            ctx.request_id,
+            stage.name
+        );
         ModuleFailed {
             module: stage.name.clone(),
         }
@@ -266,7 +287,8 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for ModuleSection<T> {
                     enabled: None,
                     priority: None,
                 };
-                let settings = T::deserialize(serde::de::value::MapAccessDeserializer::new(&mut common))?;
+                let settings =
+                    T::deserialize(serde::de::value::MapAccessDeserializer::new(&mut common))?;
                 Ok(ModuleSection {
                     enabled: common.enabled,
                     priority: common.priority,
@@ -312,7 +334,10 @@ impl<'de, K: DeserializeSeed<'de>> DeserializeSeed<'de> for KeySeed<K> {
 impl<'de, A: MapAccess<'de>> MapAccess<'de> for &mut CommonKeys<A> {
     type Error = A::Error;
 
-    fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, A::Error> {
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, A::Error> {
         let mut seed = Some(seed);
         loop {
             // Each round either returns or consumes a common key; the seed is

@@ -149,15 +149,16 @@ impl Pool {
         let deadline = Instant::now() + self.limits.connect_timeout;
         let mut state = host.state.lock();
         loop {
-            while reuse {
-                let Some((conn, since)) = state.idle.pop() else { break };
-                if since.elapsed() < self.limits.idle_timeout && is_alive(&conn.stream) {
-                    drop(state);
-                    self.hits.fetch_add(1, Relaxed);
-                    return Ok(self.pooled(conn, host, true));
+            if reuse {
+                while let Some((conn, since)) = state.idle.pop() {
+                    if since.elapsed() < self.limits.idle_timeout && is_alive(&conn.stream) {
+                        drop(state);
+                        self.hits.fetch_add(1, Relaxed);
+                        return Ok(self.pooled(conn, host, true));
+                    }
+                    state.open -= 1;
+                    self.evictions.fetch_add(1, Relaxed);
                 }
-                state.open -= 1;
-                self.evictions.fetch_add(1, Relaxed);
             }
             let max = self.limits.max_conns_per_host;
             if max == 0 || state.open < max {
@@ -236,7 +237,9 @@ fn is_alive(stream: &TcpStream) -> bool {
 
 impl Pooled {
     pub fn conn(&mut self) -> &mut Upstream {
-        self.conn.as_mut().expect("connection present until released")
+        self.conn
+            .as_mut()
+            .expect("connection present until released")
     }
 
     /// Returns a connection whose last response ended cleanly to the idle stack.
@@ -301,7 +304,14 @@ mod tests {
         let mut again = pool.checkout(addr).unwrap();
         assert!(again.reused);
         assert_ne!(again.conn().stream.local_addr().unwrap(), b_port);
-        assert_eq!(pool.stats(), PoolStats { hits: 1, misses: 2, evictions: 1 });
+        assert_eq!(
+            pool.stats(),
+            PoolStats {
+                hits: 1,
+                misses: 2,
+                evictions: 1
+            }
+        );
     }
 
     #[test]
@@ -325,7 +335,9 @@ mod tests {
         let pool = Pool::new(limits());
         pool.checkout(addr).unwrap().release();
         let (mut server_side, _) = listener.accept().unwrap();
-        server_side.write_all(b"HTTP/1.1 408 Timeout\r\n\r\n").unwrap();
+        server_side
+            .write_all(b"HTTP/1.1 408 Timeout\r\n\r\n")
+            .unwrap();
         std::thread::sleep(Duration::from_millis(50));
         assert!(!pool.checkout(addr).unwrap().reused);
     }

@@ -42,11 +42,17 @@ fn every_malformed_request_gets_its_status_and_the_daemon_keeps_serving() {
     for (name, raw, status) in CASES {
         let mut client = Client::connect(proxy.addr);
         client.send(raw);
-        let resp = client.try_response().unwrap_or_else(|| panic!("{name}: no response"));
+        let resp = client
+            .try_response()
+            .unwrap_or_else(|| panic!("{name}: no response"));
         assert_eq!(resp.status, *status, "{name}: {}", resp.text());
         assert_eq!(resp.header("connection"), Some("close"), "{name}");
         assert!(client.is_closed(), "{name}: connection left open");
-        assert_eq!(get(proxy.addr, "/").text(), "fine", "{name}: next request failed");
+        assert_eq!(
+            get(proxy.addr, "/").text(),
+            "fine",
+            "{name}: next request failed"
+        );
     }
     proxy.wait_for_log("bad request: 400 bare LF line ending");
     proxy.wait_for_log("bad request: 505");
@@ -58,11 +64,20 @@ fn header_size_limits_answer_414_and_431() {
     let backend = Backend::ok("fine");
     let mut proxy = Proxy::with(
         backend.addr,
-        Conf { server: "max_request_line = 100\nmax_header_size = 1000\nmax_headers = 10", ..Conf::default() },
+        Conf {
+            server: "max_request_line = 100\nmax_header_size = 1000\nmax_headers = 10",
+            ..Conf::default()
+        },
     );
     let long_target = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(200));
-    let big_head = format!("GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n", "b".repeat(2000));
-    let many = format!("GET / HTTP/1.1\r\nHost: a\r\n{}\r\n", "X-N: 1\r\n".repeat(11));
+    let big_head = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(2000)
+    );
+    let many = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\n{}\r\n",
+        "X-N: 1\r\n".repeat(11)
+    );
     for (raw, status) in [(long_target, 414), (big_head, 431), (many, 431)] {
         let resp = request(proxy.addr, &raw);
         assert_eq!(resp.status, status);
@@ -78,8 +93,17 @@ fn header_size_limits_answer_414_and_431() {
 #[test]
 fn request_bodies_over_max_body_size_get_413() {
     let backend = Backend::start(|req| response(200, &[], &req.body));
-    let proxy = Proxy::with(backend.addr, Conf { server: "max_body_size = 10", ..Conf::default() });
-    let resp = request(proxy.addr, "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\n01234567890");
+    let proxy = Proxy::with(
+        backend.addr,
+        Conf {
+            server: "max_body_size = 10",
+            ..Conf::default()
+        },
+    );
+    let resp = request(
+        proxy.addr,
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\n01234567890",
+    );
     assert_eq!(resp.status, 413);
     let chunked = "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n6\r\n012345\r\n6\r\n678901\r\n0\r\n\r\n";
     assert_eq!(request(proxy.addr, chunked).status, 413);
@@ -90,13 +114,23 @@ fn request_bodies_over_max_body_size_get_413() {
 #[test]
 fn a_slow_header_drip_gets_408_without_holding_a_worker() {
     let backend = Backend::ok("fine");
-    let mut proxy = Proxy::with(backend.addr, Conf { server: "header_timeout = \"1s\"\nworkers = 2", ..Conf::default() });
+    let mut proxy = Proxy::with(
+        backend.addr,
+        Conf {
+            server: "header_timeout = \"1s\"\nworkers = 2",
+            ..Conf::default()
+        },
+    );
     // More drips than workers: none of them may starve a normal request.
     let mut drips: Vec<Client> = (0..4).map(|_| Client::connect(proxy.addr)).collect();
     let started = Instant::now();
     for step in 0..3 {
         for client in &mut drips {
-            client.send(if step == 0 { "GET / HTTP/1.1\r\nHost: a\r\n" } else { "X-Drip: 1\r\n" });
+            client.send(if step == 0 {
+                "GET / HTTP/1.1\r\nHost: a\r\n"
+            } else {
+                "X-Drip: 1\r\n"
+            });
         }
         assert_eq!(get(proxy.addr, "/").text(), "fine");
         std::thread::sleep(Duration::from_millis(300));
@@ -113,7 +147,13 @@ fn a_slow_header_drip_gets_408_without_holding_a_worker() {
 #[test]
 fn a_stalled_request_body_gets_408() {
     let backend = Backend::start(|req| response(200, &[], &req.body));
-    let proxy = Proxy::with(backend.addr, Conf { server: "body_timeout = \"500ms\"", ..Conf::default() });
+    let proxy = Proxy::with(
+        backend.addr,
+        Conf {
+            server: "body_timeout = \"500ms\"",
+            ..Conf::default()
+        },
+    );
     let mut client = Client::connect(proxy.addr);
     client.send("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nonly part");
     let resp = client.response();

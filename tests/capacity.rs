@@ -31,7 +31,13 @@ fn watch_rss(pid: u32) -> (Arc<AtomicBool>, thread::JoinHandle<u64>) {
 #[test]
 fn five_thousand_idle_keep_alive_clients_pin_no_worker() {
     let backend = Backend::ok("fine");
-    let proxy = Proxy::with(backend.addr, Conf { server: "workers = 8", ..Conf::default() });
+    let proxy = Proxy::with(
+        backend.addr,
+        Conf {
+            server: "workers = 8",
+            ..Conf::default()
+        },
+    );
     let mut idle = Vec::with_capacity(5000);
     for _ in 0..5000 {
         let mut client = Client::connect(proxy.addr);
@@ -49,7 +55,10 @@ fn five_thousand_idle_keep_alive_clients_pin_no_worker() {
         assert_eq!(get(proxy.addr, "/").text(), "fine");
         slowest = slowest.max(started.elapsed());
     }
-    assert!(slowest < Duration::from_millis(100), "a new client waited {slowest:?}");
+    assert!(
+        slowest < Duration::from_millis(100),
+        "a new client waited {slowest:?}"
+    );
     let rss_mb = proxy.rss_kb() / 1024;
     assert!(rss_mb < 150, "RSS {rss_mb} MB with 5000 idle connections");
     // And they are still alive and usable.
@@ -89,7 +98,8 @@ fn a_1_gib_download_streams_in_bounded_memory() {
         head.push(byte[0] as char);
     }
     assert!(head.contains(&format!("Content-Length: {GIB}")), "{head}");
-    let received = std::io::copy(&mut (&mut client.reader).take(GIB), &mut std::io::sink()).unwrap();
+    let received =
+        std::io::copy(&mut (&mut client.reader).take(GIB), &mut std::io::sink()).unwrap();
     assert_eq!(received, GIB);
     stop.store(true, Ordering::Relaxed);
     let growth_mb = peak.join().unwrap().saturating_sub(before) / 1024;
@@ -115,7 +125,9 @@ fn a_1_gib_upload_streams_in_bounded_memory() {
     let before = proxy.rss_kb();
     let (stop, peak) = watch_rss(proxy.pid());
     let mut client = Client::connect(proxy.addr);
-    client.send(format!("PUT /big HTTP/1.1\r\nHost: a\r\nContent-Length: {GIB}\r\n\r\n"));
+    client.send(format!(
+        "PUT /big HTTP/1.1\r\nHost: a\r\nContent-Length: {GIB}\r\n\r\n"
+    ));
     let block = vec![b'y'; 256 * 1024];
     for _ in 0..GIB / block.len() as u64 {
         client.stream.write_all(&block).unwrap();
@@ -132,9 +144,17 @@ fn slow_clients_do_not_block_others_while_a_body_streams() {
     // One client stalls mid-upload (holding its worker); with 2 workers the
     // other worker still serves everyone else.
     let backend = Backend::ok("fine");
-    let proxy = Proxy::with(backend.addr, Conf { server: "workers = 2\nbody_timeout = \"5s\"", ..Conf::default() });
+    let proxy = Proxy::with(
+        backend.addr,
+        Conf {
+            server: "workers = 2\nbody_timeout = \"5s\"",
+            ..Conf::default()
+        },
+    );
     let mut stalled = TcpStream::connect(proxy.addr).unwrap();
-    stalled.write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nab").unwrap();
+    stalled
+        .write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nab")
+        .unwrap();
     thread::sleep(Duration::from_millis(100));
     for _ in 0..20 {
         assert_eq!(get(proxy.addr, "/").text(), "fine");

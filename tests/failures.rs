@@ -11,7 +11,10 @@ use common::*;
 
 #[test]
 fn refused_upstream_is_502_with_reason_and_request_id_in_the_log() {
-    let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let mut proxy = Proxy::start(closed);
     let resp = get(proxy.addr, "/");
     assert_eq!(resp.status, 502);
@@ -28,7 +31,13 @@ fn silent_upstream_is_504() {
         std::thread::sleep(Duration::from_secs(3));
         drop(stream);
     });
-    let mut proxy = Proxy::with(backend.addr, Conf { rest: "[upstream]\nread_timeout = \"300ms\"", ..Conf::default() });
+    let mut proxy = Proxy::with(
+        backend.addr,
+        Conf {
+            rest: "[upstream]\nread_timeout = \"300ms\"",
+            ..Conf::default()
+        },
+    );
     let resp = get(proxy.addr, "/slow");
     assert_eq!(resp.status, 504);
     assert!(resp.text().contains("timed out"), "{}", resp.text());
@@ -50,7 +59,10 @@ fn upstream_reset_before_responding_is_502() {
 
 fn socket_reset(stream: std::net::TcpStream) {
     use std::os::fd::AsRawFd;
-    let linger = libc_linger();
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // SAFETY: setsockopt with a valid struct on an owned socket.
     unsafe {
         libc::setsockopt(
@@ -61,10 +73,6 @@ fn socket_reset(stream: std::net::TcpStream) {
             std::mem::size_of::<libc::linger>() as u32,
         );
     }
-}
-
-fn libc_linger() -> libc::linger {
-    libc::linger { l_onoff: 1, l_linger: 0 }
 }
 
 #[test]
@@ -81,7 +89,10 @@ fn upstream_dying_mid_body_cuts_the_client_connection_only() {
     let mut proxy = Proxy::start(backend.addr);
     let mut client = Client::connect(proxy.addr);
     client.send("GET /broken HTTP/1.1\r\nHost: a\r\n\r\n");
-    assert!(client.try_response().is_none(), "a truncated body must not look complete");
+    assert!(
+        client.try_response().is_none(),
+        "a truncated body must not look complete"
+    );
     assert_eq!(get(proxy.addr, "/").text(), "whole");
     proxy.wait_for_log("response not completed");
 }
@@ -89,7 +100,13 @@ fn upstream_dying_mid_body_cuts_the_client_connection_only() {
 #[test]
 fn past_max_connections_new_clients_get_503() {
     let backend = Backend::ok("fine");
-    let mut proxy = Proxy::with(backend.addr, Conf { server: "max_connections = 2", ..Conf::default() });
+    let mut proxy = Proxy::with(
+        backend.addr,
+        Conf {
+            server: "max_connections = 2",
+            ..Conf::default()
+        },
+    );
     let mut a = Client::connect(proxy.addr);
     let mut b = Client::connect(proxy.addr);
     a.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n");
@@ -101,7 +118,11 @@ fn past_max_connections_new_clients_get_503() {
     proxy.wait_for_log("over max_connections");
     drop(a);
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(get(proxy.addr, "/").status, 200, "a freed place is usable again");
+    assert_eq!(
+        get(proxy.addr, "/").status,
+        200,
+        "a freed place is usable again"
+    );
     b.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n");
     assert_eq!(b.response().status, 200);
 }
@@ -119,7 +140,10 @@ fn upstream_connection_limit_gives_503_after_waiting() {
     });
     let proxy = Proxy::with(
         backend.addr,
-        Conf { rest: "[pool]\nmax_conns_per_host = 1\n[upstream]\nconnect_timeout = \"300ms\"", ..Conf::default() },
+        Conf {
+            rest: "[pool]\nmax_conns_per_host = 1\n[upstream]\nconnect_timeout = \"300ms\"",
+            ..Conf::default()
+        },
     );
     let addr = proxy.addr;
     let holder = std::thread::spawn(move || get(addr, "/hold").status);

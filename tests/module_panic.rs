@@ -38,18 +38,29 @@ fn a_panicking_module_answers_500_and_the_worker_lives_on() {
     config.server.workers = 1.try_into().unwrap();
     config.log.output = log_path.display().to_string();
     proxycache::logging::init(&config.log).unwrap();
-    let stage = Stage { name: "panicky".into(), priority: 500, module: Box::new(Panicky(Mutex::new(0))) };
+    let stage = Stage {
+        name: "panicky".into(),
+        priority: 500,
+        module: Box::new(Panicky(Mutex::new(0))),
+    };
     let server = Server::start(&config, vec![stage]).unwrap();
 
     let resp = get(server.local_addr(), "/boom");
     assert_eq!(resp.status, 500);
-    assert!(resp.text().contains("module `panicky` failed"), "{}", resp.text());
+    assert!(
+        resp.text().contains("module `panicky` failed"),
+        "{}",
+        resp.text()
+    );
     for _ in 0..3 {
         // Same single worker, same lock: both survived.
         assert_eq!(get(server.local_addr(), "/").text(), "fine");
     }
     proxycache::logging::flush();
     let log = std::fs::read_to_string(&log_path).unwrap();
-    assert!(log.contains("module `panicky` panicked: boom requested"), "{log}");
+    assert!(
+        log.contains("module `panicky` panicked: boom requested"),
+        "{log}"
+    );
     server.shutdown(std::time::Duration::from_secs(1));
 }

@@ -32,10 +32,16 @@ fn curl_gets_the_backend_response_with_request_id_and_via() {
 fn a_valid_incoming_request_id_is_kept_and_a_bad_one_replaced() {
     let backend = Backend::ok("x");
     let proxy = Proxy::start(backend.addr);
-    let resp = request(proxy.addr, "GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: abc-123\r\n\r\n");
+    let resp = request(
+        proxy.addr,
+        "GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: abc-123\r\n\r\n",
+    );
     assert_eq!(resp.header("x-request-id"), Some("abc-123"));
     assert_eq!(backend.last().header("x-request-id"), Some("abc-123"));
-    let resp = request(proxy.addr, "GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: has spaces\"\r\n\r\n");
+    let resp = request(
+        proxy.addr,
+        "GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: has spaces\"\r\n\r\n",
+    );
     assert_eq!(resp.header("x-request-id").unwrap().len(), 36);
 }
 
@@ -59,7 +65,10 @@ fn forwarding_headers_are_added_and_hop_by_hop_ones_stripped() {
     // The backend sees a fresh Connection field of ours or none, never the client's.
     assert!(!seen.header("connection").unwrap_or("").contains("X-Hop"));
     assert_eq!(seen.header("x-keep"), Some("yes"));
-    assert_eq!(seen.header("x-forwarded-for"), Some("203.0.113.9, 127.0.0.1"));
+    assert_eq!(
+        seen.header("x-forwarded-for"),
+        Some("203.0.113.9, 127.0.0.1")
+    );
     assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
     assert_eq!(seen.header("x-forwarded-host"), Some("shop.example"));
     assert_eq!(seen.header("via"), Some("1.0 edge, 1.1 proxycache"));
@@ -76,13 +85,35 @@ fn header_order_and_repeats_survive_both_ways() {
         b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nX-Mid: m\r\nSet-Cookie: b=2\r\nSet-Cookie: c=3\r\nContent-Length: 0\r\n\r\n".to_vec()
     });
     let proxy = Proxy::start(backend.addr);
-    let resp = request(proxy.addr, "GET / HTTP/1.1\r\nHost: a\r\nX-B: 1\r\nX-A: 2\r\nX-B: 3\r\nCookie: k=v\r\n\r\n");
+    let resp = request(
+        proxy.addr,
+        "GET / HTTP/1.1\r\nHost: a\r\nX-B: 1\r\nX-A: 2\r\nX-B: 3\r\nCookie: k=v\r\n\r\n",
+    );
     assert_eq!(resp.headers_named("set-cookie"), ["a=1", "b=2", "c=3"]);
-    let names: Vec<&str> = resp.headers.iter().map(|(n, _)| n.as_str()).take(4).collect();
+    let names: Vec<&str> = resp
+        .headers
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .take(4)
+        .collect();
     assert_eq!(names, ["Set-Cookie", "X-Mid", "Set-Cookie", "Set-Cookie"]);
     let seen = backend.last();
-    let sent: Vec<(&str, &str)> = seen.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).take(5).collect();
-    assert_eq!(sent, [("Host", "a"), ("X-B", "1"), ("X-A", "2"), ("X-B", "3"), ("Cookie", "k=v")]);
+    let sent: Vec<(&str, &str)> = seen
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .take(5)
+        .collect();
+    assert_eq!(
+        sent,
+        [
+            ("Host", "a"),
+            ("X-B", "1"),
+            ("X-A", "2"),
+            ("X-B", "3"),
+            ("Cookie", "k=v")
+        ]
+    );
 }
 
 #[test]
@@ -90,9 +121,15 @@ fn raw_target_is_forwarded_unchanged_and_absolute_form_becomes_origin_form() {
     let backend = Backend::ok("x");
     let proxy = Proxy::start(backend.addr);
     let raw = "/a/../b/%2e%2E//c%2F?x=%20&y=1#";
-    request(proxy.addr, &format!("GET {raw} HTTP/1.1\r\nHost: a\r\n\r\n"));
+    request(
+        proxy.addr,
+        &format!("GET {raw} HTTP/1.1\r\nHost: a\r\n\r\n"),
+    );
     assert_eq!(backend.last().target, raw);
-    request(proxy.addr, "GET http://origin.example:8080/p?q HTTP/1.1\r\nHost: ignored\r\n\r\n");
+    request(
+        proxy.addr,
+        "GET http://origin.example:8080/p?q HTTP/1.1\r\nHost: ignored\r\n\r\n",
+    );
     let seen = backend.last();
     assert_eq!(seen.target, "/p?q");
     assert_eq!(seen.header("host"), Some("origin.example:8080"));
@@ -197,7 +234,8 @@ fn expect_100_continue_is_answered_before_the_body_is_sent() {
 #[test]
 fn chunked_bodies_stream_both_ways_with_trailers() {
     let backend = Backend::start(|req| {
-        let mut out = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n".to_vec();
+        let mut out =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n".to_vec();
         out.extend_from_slice(format!("{:x};ext=1\r\n", req.body.len()).as_bytes());
         out.extend_from_slice(&req.body);
         out.extend_from_slice(b"\r\n3\r\nend\r\n0\r\nX-Sum: 42\r\n\r\n");
@@ -212,7 +250,10 @@ fn chunked_bodies_stream_both_ways_with_trailers() {
     let seen = backend.last();
     assert_eq!(seen.body, b"abcdef");
     assert_eq!(seen.header("transfer-encoding"), Some("chunked"));
-    assert_eq!(seen.trailers, [("X-Client-Trailer".to_owned(), "t".to_owned())]);
+    assert_eq!(
+        seen.trailers,
+        [("X-Client-Trailer".to_owned(), "t".to_owned())]
+    );
 }
 
 #[test]
@@ -220,7 +261,9 @@ fn a_close_delimited_upstream_body_is_chunked_for_11_and_closed_for_10() {
     let backend = Backend::raw(|mut stream| {
         let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
         read_request(&mut reader).unwrap();
-        stream.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil-close body").unwrap();
+        stream
+            .write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil-close body")
+            .unwrap();
     });
     let proxy = Proxy::start(backend.addr);
     let mut client = Client::connect(proxy.addr);
@@ -229,7 +272,11 @@ fn a_close_delimited_upstream_body_is_chunked_for_11_and_closed_for_10() {
     assert_eq!(resp.header("transfer-encoding"), Some("chunked"));
     assert_eq!(resp.text(), "until-close body");
     client.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n");
-    assert_eq!(client.response().text(), "until-close body", "the client connection stays usable");
+    assert_eq!(
+        client.response().text(),
+        "until-close body",
+        "the client connection stays usable"
+    );
 
     let mut client = Client::connect(proxy.addr);
     client.send("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
@@ -246,7 +293,12 @@ fn upstream_connections_are_reused() {
     for _ in 0..20 {
         assert_eq!(get(proxy.addr, "/").status, 200);
     }
-    assert_eq!(backend.connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(
+        backend
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
 }
 
 #[test]
@@ -256,21 +308,37 @@ fn a_stale_pooled_connection_is_retried_once_for_idempotent_requests() {
     let backend = Backend::raw(|mut stream| {
         let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
         if let Some(req) = read_request(&mut reader) {
-            stream.write_all(&response(200, &[], req.method.as_bytes())).unwrap();
+            stream
+                .write_all(&response(200, &[], req.method.as_bytes()))
+                .unwrap();
         }
         read_request(&mut reader);
     });
-    let connections = || backend.connections.load(std::sync::atomic::Ordering::SeqCst);
+    let connections = || {
+        backend
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
     let mut proxy = Proxy::start(backend.addr);
     assert_eq!(get(proxy.addr, "/").text(), "GET");
-    assert_eq!(get(proxy.addr, "/").text(), "GET", "retried on a fresh connection");
+    assert_eq!(
+        get(proxy.addr, "/").text(),
+        "GET",
+        "retried on a fresh connection"
+    );
     assert_eq!(connections(), 2);
-    let post = request(proxy.addr, "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n");
+    let post = request(
+        proxy.addr,
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+    );
     assert_eq!(post.status, 502, "POST is never retried");
     assert_eq!(connections(), 2);
     let id = post.header("x-request-id").unwrap().to_owned();
     let line = proxy.wait_for_log("upstream closed the connection");
-    assert!(line.contains(&id), "the log line carries the request id: {line}");
+    assert!(
+        line.contains(&id),
+        "the log line carries the request id: {line}"
+    );
 }
 
 #[test]
@@ -278,12 +346,21 @@ fn an_idle_pooled_connection_closed_by_the_upstream_is_not_used() {
     let backend = Backend::raw(|mut stream| {
         let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
         if let Some(req) = read_request(&mut reader) {
-            stream.write_all(&response(200, &[], req.method.as_bytes())).unwrap();
+            stream
+                .write_all(&response(200, &[], req.method.as_bytes()))
+                .unwrap();
         }
     });
     let proxy = Proxy::start(backend.addr);
     assert_eq!(get(proxy.addr, "/").text(), "GET");
     std::thread::sleep(Duration::from_millis(100));
-    let post = request(proxy.addr, "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n");
-    assert_eq!(post.text(), "POST", "the liveness check saw the close before handing it out");
+    let post = request(
+        proxy.addr,
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(
+        post.text(),
+        "POST",
+        "the liveness check saw the close before handing it out"
+    );
 }

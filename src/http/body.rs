@@ -196,14 +196,20 @@ impl BodyReader {
 
     fn decode(&mut self, input: &[u8]) -> Result<Step, BodyError> {
         let step = match &mut self.state {
-            State::Done => Step { consumed: 0, data: None },
+            State::Done => Step {
+                consumed: 0,
+                data: None,
+            },
             State::Length { remaining } => {
                 let n = (*remaining).min(input.len() as u64) as usize;
                 *remaining -= n as u64;
                 if *remaining == 0 {
                     self.state = State::Done;
                 }
-                Step { consumed: n, data: Some(0..n) }
+                Step {
+                    consumed: n,
+                    data: Some(0..n),
+                }
             }
             State::UntilClose => Step {
                 consumed: input.len(),

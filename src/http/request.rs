@@ -170,15 +170,15 @@ fn normalize_target(
 fn strip_scheme(target: &str) -> Option<&str> {
     ["http://", "https://"].iter().find_map(|scheme| {
         let head = target.get(..scheme.len())?;
-        head.eq_ignore_ascii_case(scheme).then(|| &target[scheme.len()..])
+        head.eq_ignore_ascii_case(scheme)
+            .then(|| &target[scheme.len()..])
     })
 }
 
 /// uri-host [ ":" port ] characters (RFC 3986): no whitespace, '/', '@' or controls.
 fn valid_host(host: &[u8]) -> bool {
-    host.iter().all(|&b| {
-        b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:[]".contains(&b)
-    })
+    host.iter()
+        .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:[]".contains(&b))
 }
 
 /// Decides body length and connection reuse (RFC 9112 §6, §9.3), refusing
@@ -257,7 +257,9 @@ mod tests {
 
     #[test]
     fn partial_then_complete() {
-        assert!(parse(b"GET / HTTP/1.1\r\nHost:", &LIMITS).unwrap().is_none());
+        assert!(parse(b"GET / HTTP/1.1\r\nHost:", &LIMITS)
+            .unwrap()
+            .is_none());
         assert!(parse(b"\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n", &LIMITS)
             .unwrap()
             .is_some());
@@ -273,8 +275,16 @@ mod tests {
     #[test]
     fn http10_keep_alive_rules() {
         assert!(!parse_ok("GET / HTTP/1.0\r\n\r\n").1.keep_alive);
-        assert!(parse_ok("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").1.keep_alive);
-        assert!(!parse_ok("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").1.keep_alive);
+        assert!(
+            parse_ok("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+                .1
+                .keep_alive
+        );
+        assert!(
+            !parse_ok("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .1
+                .keep_alive
+        );
     }
 
     #[test]
@@ -283,14 +293,18 @@ mod tests {
         assert_eq!(parse_ok(chunked).1.body, BodyKind::Chunked);
         let same = "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\n\r\n";
         assert_eq!(parse_ok(same).1.body, BodyKind::Length(5));
-        let expect = "PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-Continue\r\n\r\n";
+        let expect =
+            "PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-Continue\r\n\r\n";
         assert!(parse_ok(expect).1.expect_continue);
     }
 
     #[test]
     fn refusals_have_precise_statuses() {
         let long_line = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(100));
-        let big_head = format!("GET / HTTP/1.1\r\nHost: x\r\nX: {}\r\n\r\n", "a".repeat(300));
+        let big_head = format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nX: {}\r\n\r\n",
+            "a".repeat(300)
+        );
         let many = format!("GET / HTTP/1.1\r\nHost: x\r\n{}\r\n", "A: b\r\n".repeat(9));
         let cases: &[(&str, u16)] = &[
             (&long_line, 414),

@@ -51,7 +51,11 @@ impl ResponseHead {
 
 fn itoa3(status: u16) -> [u8; 3] {
     let s = status.min(999);
-    [b'0' + (s / 100) as u8, b'0' + (s / 10 % 10) as u8, b'0' + (s % 10) as u8]
+    [
+        b'0' + (s / 100) as u8,
+        b'0' + (s / 10 % 10) as u8,
+        b'0' + (s % 10) as u8,
+    ]
 }
 
 const fn bad(reason: &'static str) -> HttpError {
@@ -98,7 +102,9 @@ pub fn body_kind(head: &ResponseHead, request_method: &str) -> Result<BodyKind, 
     let length = content_length(&head.headers).map_err(bad)?;
     if head.headers.contains("transfer-encoding") {
         if length.is_some() {
-            return Err(bad("upstream sent both Transfer-Encoding and Content-Length"));
+            return Err(bad(
+                "upstream sent both Transfer-Encoding and Content-Length",
+            ));
         }
         return Ok(if chunked_is_last(&head.headers) {
             BodyKind::Chunked
@@ -119,7 +125,8 @@ mod tests {
 
     #[test]
     fn parses_and_writes_back() {
-        let raw = b"HTTP/1.1 200 OK\r\nSet-Cookie: a\r\nSet-Cookie: b\r\nContent-Length: 2\r\n\r\nhi";
+        let raw =
+            b"HTTP/1.1 200 OK\r\nSet-Cookie: a\r\nSet-Cookie: b\r\nContent-Length: 2\r\n\r\nhi";
         let (head, len) = parse(raw, 1024).unwrap().unwrap();
         assert_eq!(len, raw.len() - 2);
         assert_eq!(body_kind(&head, "GET").unwrap(), BodyKind::Length(2));
@@ -131,7 +138,9 @@ mod tests {
 
     #[test]
     fn keeps_custom_reason() {
-        let (head, _) = parse(b"HTTP/1.1 404 Gone Fishing\r\n\r\n", 1024).unwrap().unwrap();
+        let (head, _) = parse(b"HTTP/1.1 404 Gone Fishing\r\n\r\n", 1024)
+            .unwrap()
+            .unwrap();
         let mut out = Vec::new();
         head.write_to(&mut out);
         assert!(out.starts_with(b"HTTP/1.1 404 Gone Fishing\r\n"));
@@ -140,7 +149,10 @@ mod tests {
     #[test]
     fn framing_of_upstream_bodies() {
         let kind = |raw: &[u8]| body_kind(&parse(raw, 1024).unwrap().unwrap().0, "GET");
-        assert_eq!(kind(b"HTTP/1.1 200 OK\r\n\r\n").unwrap(), BodyKind::UntilClose);
+        assert_eq!(
+            kind(b"HTTP/1.1 200 OK\r\n\r\n").unwrap(),
+            BodyKind::UntilClose
+        );
         assert_eq!(kind(b"HTTP/1.1 204 No\r\n\r\n").unwrap(), BodyKind::Empty);
         assert_eq!(
             kind(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap(),
@@ -152,7 +164,12 @@ mod tests {
                 .status,
             502
         );
-        assert_eq!(kind(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n").unwrap_err().status, 502);
+        assert_eq!(
+            kind(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n")
+                .unwrap_err()
+                .status,
+            502
+        );
         assert!(parse(b"HTTP/1.1 200 OK\nA: b\r\n\r\n", 1024).is_err());
     }
 }

@@ -40,7 +40,10 @@ impl Conn {
             log::info!("{}: request head not received in time", self.peer);
             // Best effort and never blocking: the housekeeping thread calls this.
             let _ = self.stream.set_nonblocking(true);
-            let _ = write_error(&mut self.stream, HttpError::new(408, "request head not received in time"));
+            let _ = write_error(
+                &mut self.stream,
+                HttpError::new(408, "request head not received in time"),
+            );
         }
     }
 }
@@ -68,7 +71,8 @@ pub fn serve(mut conn: Conn, shared: &Shared) -> Next {
             Ok(Some(parsed)) => parsed,
             Ok(None) => {
                 let now = Instant::now();
-                conn.head_deadline.get_or_insert(now + shared.header_timeout);
+                conn.head_deadline
+                    .get_or_insert(now + shared.header_timeout);
                 return park(conn, shared);
             }
             Err(e) => {
@@ -81,7 +85,10 @@ pub fn serve(mut conn: Conn, shared: &Shared) -> Next {
         conn.head_deadline = None;
         if conn.slot.is_none() {
             log::warn!("{}: over max_connections, answered 503", conn.peer);
-            reject(&mut conn.stream, HttpError::new(503, "too many connections"));
+            reject(
+                &mut conn.stream,
+                HttpError::new(503, "too many connections"),
+            );
             return Next::Close;
         }
         if !exchange(&mut conn, req, framing, shared) || shared.shutting_down.load(Relaxed) {
@@ -122,7 +129,15 @@ fn exchange(conn: &mut Conn, mut req: Request, framing: request::Framing, shared
     let keep_alive = framing.keep_alive && body_read && !shared.shutting_down.load(Relaxed);
 
     let status = resp.head.status;
-    let written = write_response(&mut conn.stream, &req, resp, keep_alive, shared, ran, &mut ctx);
+    let written = write_response(
+        &mut conn.stream,
+        &req,
+        resp,
+        keep_alive,
+        shared,
+        ran,
+        &mut ctx,
+    );
     crate::logging::access(&AccessRecord {
         client: conn.peer,
         method: &req.method,
@@ -139,7 +154,11 @@ fn exchange(conn: &mut Conn, mut req: Request, framing: request::Framing, shared
     match written {
         Ok(w) => w.keep_alive,
         Err(e) => {
-            log::info!("{} {}: response not completed: {e}", ctx.request_id, conn.peer);
+            log::info!(
+                "{} {}: response not completed: {e}",
+                ctx.request_id,
+                conn.peer
+            );
             false
         }
     }
@@ -163,7 +182,8 @@ fn write_response(
     ctx: &mut Context,
 ) -> io::Result<Written> {
     let head = &mut resp.head;
-    let bodyless = req.method == "HEAD" || head.is_informational() || matches!(head.status, 204 | 304);
+    let bodyless =
+        req.method == "HEAD" || head.is_informational() || matches!(head.status, 204 | 304);
     let mut chunked = false;
     if !bodyless {
         head.headers.remove("transfer-encoding");
@@ -208,7 +228,9 @@ fn write_response(
         }
         Body::Stream(mut body) => {
             loop {
-                let chunk = body.next_chunk().map_err(|e| io::Error::other(format!("upstream body: {e}")))?;
+                let chunk = body
+                    .next_chunk()
+                    .map_err(|e| io::Error::other(format!("upstream body: {e}")))?;
                 let Some(chunk) = chunk else { break };
                 bytes += chunk.len() as u64;
                 shared
@@ -247,9 +269,12 @@ fn reject(stream: &mut TcpStream, error: HttpError) {
 /// Writes an error response with `Connection: close`.
 fn write_error(stream: &mut TcpStream, error: HttpError) -> io::Result<()> {
     let resp = Response::text(error.status, error.reason);
-    let Body::Bytes(body) = resp.body else { unreachable!("text responses carry bytes") };
+    let Body::Bytes(body) = resp.body else {
+        unreachable!("text responses carry bytes")
+    };
     let mut head = resp.head;
-    head.headers.append("Content-Length", body.len().to_string());
+    head.headers
+        .append("Content-Length", body.len().to_string());
     head.headers.append("Connection", "close");
     let mut out = Vec::with_capacity(256 + body.len());
     head.write_to(&mut out);

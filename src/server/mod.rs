@@ -68,12 +68,19 @@ impl Server {
     /// (script modules, plugins), binds the listener and starts the workers.
     pub fn start(config: &Config, extra: Vec<Stage>) -> Result<Server, Box<dyn std::error::Error>> {
         let pool = Pool::new(PoolLimits::from_config(config));
-        let mut stages = modules::build_all(&config.modules, &BuildEnv { config, pool: &pool })?;
+        let mut stages = modules::build_all(
+            &config.modules,
+            &BuildEnv {
+                config,
+                pool: &pool,
+            },
+        )?;
         stages.extend(extra);
         let pipeline = Pipeline::new(stages);
 
         let addr = config.server.listen_addr;
-        let listener = TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let listener =
+            TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         listener.set_nonblocking(true)?;
         // std listens with a backlog of 128; bursts of thousands of clients need more.
         // SAFETY: listen(2) on a socket we own.
@@ -183,7 +190,9 @@ fn worker(shared: &Arc<Shared>) {
                 shared.parked.park(conn, &shared.reactor)
             }
             Ok(_) => {}
-            Err(_) => log::error!("a connection handler panicked; connection closed, worker continues"),
+            Err(_) => {
+                log::error!("a connection handler panicked; connection closed, worker continues")
+            }
         }
         shared.busy.fetch_sub(1, Relaxed);
     }

@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Header or trailer fields in order: (name, value).
+pub type Fields = Vec<(String, String)>;
+
 /// A scratch directory removed on drop.
 pub struct TempDir(pub PathBuf);
 
@@ -57,7 +60,11 @@ impl Proxy {
     }
 
     pub fn with(backend: SocketAddr, conf: Conf) -> Proxy {
-        let workers = if conf.server.contains("workers") { "" } else { "workers = 16" };
+        let workers = if conf.server.contains("workers") {
+            ""
+        } else {
+            "workers = 16"
+        };
         let text = format!(
             "[server]\nlisten_addr = \"127.0.0.1:0\"\nbackend_addr = \"{backend}\"\n{workers}\n{}\n{}\n",
             conf.server, conf.rest
@@ -86,7 +93,13 @@ impl Proxy {
             dir,
         };
         let line = proxy.wait_for_log("listening on ");
-        let addr = line.split("listening on ").nth(1).unwrap().split(',').next().unwrap();
+        let addr = line
+            .split("listening on ")
+            .nth(1)
+            .unwrap()
+            .split(',')
+            .next()
+            .unwrap();
         proxy.addr = addr.parse().unwrap();
         proxy
     }
@@ -103,9 +116,16 @@ impl Proxy {
                 return line;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("proxy exited ({status}) before logging {needle:?}; logs: {:#?}", self.logs());
+                panic!(
+                    "proxy exited ({status}) before logging {needle:?}; logs: {:#?}",
+                    self.logs()
+                );
             }
-            assert!(Instant::now() < deadline, "no log line with {needle:?} in {:#?}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {needle:?} in {:#?}",
+                self.logs()
+            );
             thread::sleep(Duration::from_millis(20));
         }
     }
@@ -119,7 +139,11 @@ impl Proxy {
     }
 
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.pid().to_string()).status().unwrap();
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
         assert!(status.success());
     }
 }
@@ -154,14 +178,17 @@ pub struct Recorded {
     pub method: String,
     pub target: String,
     pub version: String,
-    pub headers: Vec<(String, String)>,
+    pub headers: Fields,
     pub body: Vec<u8>,
-    pub trailers: Vec<(String, String)>,
+    pub trailers: Fields,
 }
 
 impl Recorded {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -186,7 +213,10 @@ impl Backend {
                 if stream.write_all(&respond(&req)).is_err() {
                     return;
                 }
-                if req.header("connection").is_some_and(|c| c.eq_ignore_ascii_case("close")) {
+                if req
+                    .header("connection")
+                    .is_some_and(|c| c.eq_ignore_ascii_case("close"))
+                {
                     return;
                 }
             }
@@ -251,7 +281,7 @@ fn read_line(reader: &mut impl BufRead) -> Option<String> {
     }
 }
 
-fn read_fields(reader: &mut impl BufRead) -> Option<Vec<(String, String)>> {
+fn read_fields(reader: &mut impl BufRead) -> Option<Fields> {
     let mut fields = Vec::new();
     loop {
         let line = read_line(reader)?;
@@ -264,13 +294,22 @@ fn read_fields(reader: &mut impl BufRead) -> Option<Vec<(String, String)>> {
 }
 
 fn field<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    fields.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    fields
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
 }
 
 /// Reads a body framed by `fields`; `None` framing means until EOF.
-fn read_body(reader: &mut impl BufRead, fields: &[(String, String)], until_eof: bool) -> Option<(Vec<u8>, Vec<(String, String)>)> {
+fn read_body(
+    reader: &mut impl BufRead,
+    fields: &[(String, String)],
+    until_eof: bool,
+) -> Option<(Vec<u8>, Fields)> {
     let mut body = Vec::new();
-    if field(fields, "transfer-encoding").is_some_and(|te| te.to_ascii_lowercase().ends_with("chunked")) {
+    if field(fields, "transfer-encoding")
+        .is_some_and(|te| te.to_ascii_lowercase().ends_with("chunked"))
+    {
         loop {
             let size_line = read_line(reader)?;
             let size = usize::from_str_radix(size_line.split(';').next()?.trim(), 16).ok()?;
@@ -313,9 +352,9 @@ pub fn read_request(reader: &mut impl BufRead) -> Option<Recorded> {
 #[derive(Debug, Clone)]
 pub struct Resp {
     pub status: u16,
-    pub headers: Vec<(String, String)>,
+    pub headers: Fields,
     pub body: Vec<u8>,
-    pub trailers: Vec<(String, String)>,
+    pub trailers: Fields,
 }
 
 impl Resp {
@@ -324,7 +363,11 @@ impl Resp {
     }
 
     pub fn headers_named(&self, name: &str) -> Vec<&str> {
-        self.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str()).collect()
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
     }
 
     pub fn text(&self) -> String {
@@ -338,8 +381,17 @@ pub fn read_response(reader: &mut impl BufRead, head_request: bool) -> Option<Re
     let status: u16 = line.split(' ').nth(1)?.parse().ok()?;
     let headers = read_fields(reader)?;
     let bodyless = head_request || status < 200 || status == 204 || status == 304;
-    let (body, trailers) = if bodyless { (Vec::new(), Vec::new()) } else { read_body(reader, &headers, true)? };
-    Some(Resp { status, headers, body, trailers })
+    let (body, trailers) = if bodyless {
+        (Vec::new(), Vec::new())
+    } else {
+        read_body(reader, &headers, true)?
+    };
+    Some(Resp {
+        status,
+        headers,
+        body,
+        trailers,
+    })
 }
 
 /// A client connection with a buffered reader.
@@ -396,6 +448,13 @@ pub fn get(addr: SocketAddr, path: &str) -> Resp {
 
 /// Runs curl with `args`; returns (stdout, stderr).
 pub fn curl(args: &[&str]) -> (String, String) {
-    let out = Command::new("curl").args(["-sS", "--max-time", "20"]).args(args).output().expect("curl installed");
-    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "20"])
+        .args(args)
+        .output()
+        .expect("curl installed");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
