@@ -312,7 +312,7 @@ fn log_level_filters_lines() {
         format!("[server]\nlisten_addr = \"{listen}\"\nbackend_addr = \"{upstream}\"\n[log]\nlevel = \"warn\"\naccess_log = \"off\"\n"),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_proxycache"))
+    let child = Command::new(env!("CARGO_BIN_EXE_proxycache"))
         .arg("--config")
         .arg(&path)
         .stdout(Stdio::piped())
