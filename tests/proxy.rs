@@ -305,13 +305,8 @@ fn upstream_connections_are_reused() {
 fn a_stale_pooled_connection_is_retried_once_for_idempotent_requests() {
     // Each connection answers one request, then reads the next and closes
     // without answering: the race between reuse and an upstream's idle close.
-    let backend = Backend::raw(|mut stream| {
-        let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
-        if let Some(req) = read_request(&mut reader) {
-            stream
-                .write_all(&response(200, &[], req.method.as_bytes()))
-                .unwrap();
-        }
+    let backend = Backend::raw(|stream| {
+        let mut reader = answer_first_request(stream);
         read_request(&mut reader);
     });
     let connections = || {
@@ -343,13 +338,8 @@ fn a_stale_pooled_connection_is_retried_once_for_idempotent_requests() {
 
 #[test]
 fn an_idle_pooled_connection_closed_by_the_upstream_is_not_used() {
-    let backend = Backend::raw(|mut stream| {
-        let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
-        if let Some(req) = read_request(&mut reader) {
-            stream
-                .write_all(&response(200, &[], req.method.as_bytes()))
-                .unwrap();
-        }
+    let backend = Backend::raw(|stream| {
+        answer_first_request(stream);
     });
     let proxy = Proxy::start(backend.addr);
     assert_eq!(get(proxy.addr, "/").text(), "GET");
@@ -363,4 +353,18 @@ fn an_idle_pooled_connection_closed_by_the_upstream_is_not_used() {
         "POST",
         "the liveness check saw the close before handing it out"
     );
+}
+
+/// Answers the first request on `stream` with its method name; returns the
+/// reader for whatever the proxy sends next.
+fn answer_first_request(
+    mut stream: std::net::TcpStream,
+) -> std::io::BufReader<std::net::TcpStream> {
+    let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+    if let Some(req) = read_request(&mut reader) {
+        stream
+            .write_all(&response(200, &[], req.method.as_bytes()))
+            .unwrap();
+    }
+    reader
 }
