@@ -154,3 +154,28 @@ fn upstream_connection_limit_gives_503_after_waiting() {
     assert_eq!(holder.join().unwrap(), 200);
     assert_eq!(get(proxy.addr, "/").status, 200);
 }
+
+#[test]
+fn a_client_that_stops_reading_is_dropped_after_write_timeout() {
+    let big = vec![b'z'; 64 << 20];
+    let backend = Backend::start(move |_| response(200, &[], &big));
+    let mut proxy = Proxy::with(
+        backend.addr,
+        Conf {
+            server: "write_timeout = \"500ms\"",
+            ..Conf::default()
+        },
+    );
+    let mut sleeper = Client::connect(proxy.addr);
+    sleeper.send("GET /big HTTP/1.1\r\nHost: a\r\n\r\n");
+    let line = proxy.wait_for_log("response not completed");
+    assert!(
+        line.contains("timed out") || line.contains("Resource temporarily unavailable"),
+        "{line}"
+    );
+    assert_eq!(
+        get(proxy.addr, "/").body.len(),
+        64 << 20,
+        "others are still served"
+    );
+}

@@ -154,8 +154,17 @@ fn exchange(conn: &mut Conn, mut req: Request, framing: request::Framing, shared
     match written {
         Ok(w) => w.keep_alive,
         Err(e) => {
+            let timed_out = matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            );
+            let why = if timed_out {
+                "client write timed out".to_owned()
+            } else {
+                e.to_string()
+            };
             log::info!(
-                "{} {}: response not completed: {e}",
+                "{} {}: response not completed: {why}",
                 ctx.request_id,
                 conn.peer
             );
