@@ -5,14 +5,16 @@
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::http::body::{BodyError, BodyReader};
 use crate::http::chunked::{encode_chunk_header, encode_last_chunk, CHUNK_END};
 use crate::http::{response, BodyKind, Headers, Request, ResponseHead, Version};
-use crate::pipeline::{Body, BodyStream, BuildEnv, Context, Downstream, Flow, Module, Response};
+use crate::pipeline::{Body, BodyStream, BuildEnv, Context, Downstream, Flow, Module, PendingResponse, Response};
 use crate::pool::{Pool, PoolError, Pooled};
 
 /// Last: it answers every request that reaches it.
@@ -40,7 +42,7 @@ pub fn build(settings: &Settings, env: &BuildEnv) -> Result<Box<dyn Module>, Str
     Ok(Box::new(ProxyCore {
         backend: env.config.server.backend_addr,
         pool: env.pool.clone(),
-        via: settings.via.clone(),
+        via: settings.via.as_str().into(),
         max_head: env.config.server.max_header_size.get(),
     }))
 }
@@ -48,7 +50,7 @@ pub fn build(settings: &Settings, env: &BuildEnv) -> Result<Box<dyn Module>, Str
 struct ProxyCore {
     backend: SocketAddr,
     pool: Arc<Pool>,
-    via: String,
+    via: Arc<str>,
     max_head: usize,
 }
 
@@ -101,49 +103,194 @@ impl Failure {
 impl Module for ProxyCore {
     fn handle(&self, req: &mut Request, downstream: &mut Downstream, ctx: &mut Context) -> Flow {
         let addr = *ctx.upstream.get_or_insert(self.backend);
-        Flow::Respond(self.forward(req, downstream, ctx, addr).unwrap_or_else(|f| {
-            log::warn!(
-                "{} {} {}: upstream {addr}: {} → {}",
-                ctx.request_id,
-                req.method,
-                req.target,
-                f.reason,
-                f.status
-            );
-            Response::text(f.status, &f.reason)
-        }))
+        match self.send(req, downstream, ctx, addr) {
+            Ok(awaiting) => Flow::Await(Box::new(awaiting)),
+            Err(f) => Flow::Respond(answer(f, ctx, addr)),
+        }
     }
 }
 
+/// Logs a failure with the request id and turns it into the client's answer.
+fn answer(f: Failure, ctx: &Context, addr: SocketAddr) -> Response {
+    log::warn!("{} upstream {addr}: {} → {}", ctx.request_id, f.reason, f.status);
+    Response::text(f.status, &f.reason)
+}
+
 impl ProxyCore {
-    fn forward(
+    /// Sends the request upstream; the response is then awaited without a thread.
+    fn send(
         &self,
         req: &mut Request,
         downstream: &mut Downstream,
         ctx: &Context,
         addr: SocketAddr,
-    ) -> Result<Response, Failure> {
+    ) -> Result<AwaitResponse, Failure> {
         let head = self.upstream_head(req, downstream.body_kind(), ctx.client_addr);
+        // A pooled connection the upstream closed meanwhile may fail before any
+        // response byte: then once more on a new one, when nothing could have
+        // been processed twice and there is no body to replay.
+        let replayable = req.is_idempotent() && downstream.body_kind() == BodyKind::Empty;
         let mut conn = self.pool.checkout(addr).map_err(Failure::pool)?;
-        let result = match self.exchange(&mut conn, &head, req, downstream) {
-            // A pooled connection the upstream closed meanwhile: once more on a new one,
-            // when nothing could have been processed twice and there is no body to replay.
-            Err(f) if f.before_response
-                && conn.reused
-                && req.is_idempotent()
-                && downstream.body_kind() == BodyKind::Empty =>
-            {
-                log::debug!("{} reused connection to {addr} failed ({}); retrying", ctx.request_id, f.reason);
-                conn = self.pool.checkout_fresh(addr).map_err(Failure::pool)?;
-                self.exchange(&mut conn, &head, req, downstream)
+        if let Err(f) = write_request(&mut conn, &head, downstream) {
+            if !(f.before_response && conn.reused && replayable) {
+                return Err(f);
             }
-            other => other,
-        };
-        let (mut head, kind) = result?;
+            log::debug!("{} reused connection to {addr} failed ({}); retrying", ctx.request_id, f.reason);
+            conn = self.pool.checkout_fresh(addr).map_err(Failure::pool)?;
+            write_request(&mut conn, &head, downstream)?;
+        }
+        Ok(AwaitResponse {
+            replay: (conn.reused && replayable).then_some(head),
+            conn: Some(conn),
+            pool: self.pool.clone(),
+            addr,
+            via: self.via.clone(),
+            max_head: self.max_head,
+            head_request: req.method == "HEAD",
+            received_any: false,
+        })
+    }
 
+    /// The head we send upstream. Changes `req` to what was forwarded.
+    fn upstream_head(&self, req: &mut Request, body: BodyKind, client: SocketAddr) -> Vec<u8> {
+        let headers = &mut req.headers;
+        strip_hop_by_hop(headers);
+        // We answer Expect ourselves, when the body is first read.
+        headers.remove("expect");
+        let forwarded_for = joined(headers, "x-forwarded-for", &client.ip().to_string());
+        headers.set("X-Forwarded-For", forwarded_for);
+        headers.set("X-Forwarded-Proto", "http");
+        if let Some(host) = headers.get("host").map(<[u8]>::to_vec) {
+            headers.set("X-Forwarded-Host", host);
+        }
+        add_via(headers, req.version, &self.via);
+        if body == BodyKind::Chunked {
+            headers.append("Transfer-Encoding", "chunked");
+        }
+
+        let mut out = Vec::with_capacity(512);
+        out.extend_from_slice(req.method.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(req.target.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        req.headers.write_to(&mut out);
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+}
+
+fn add_via(headers: &mut Headers, received: Version, via: &str) {
+    let version = match received {
+        Version::Http10 => "1.0",
+        Version::Http11 => "1.1",
+    };
+    let via = joined(headers, "via", &format!("{version} {via}"));
+    headers.set("Via", via);
+}
+
+/// Writes the request head and streams its body.
+fn write_request(conn: &mut Pooled, head: &[u8], downstream: &mut Downstream) -> Result<(), Failure> {
+    let up = conn.conn();
+    up.stream
+        .write_all(head)
+        .map_err(|e| Failure::upstream_io("write", &e, true))?;
+    send_body(downstream, &mut up.stream)
+}
+
+/// A request sent upstream whose response head has not arrived yet.
+struct AwaitResponse {
+    conn: Option<Pooled>,
+    /// The head, kept while one retry on a fresh connection is allowed.
+    replay: Option<Vec<u8>>,
+    pool: Arc<Pool>,
+    addr: SocketAddr,
+    via: Arc<str>,
+    max_head: usize,
+    head_request: bool,
+    received_any: bool,
+}
+
+impl PendingResponse for AwaitResponse {
+    fn fd(&self) -> RawFd {
+        self.conn.as_ref().expect("held until answered").stream().as_raw_fd()
+    }
+
+    fn timeout(&self) -> Duration {
+        self.pool.limits().read_timeout
+    }
+
+    fn poll(&mut self, client: &mut Downstream, ctx: &mut Context) -> Option<Response> {
+        match self.read_head(client) {
+            Ok(None) => None,
+            Ok(Some((head, kind))) => Some(self.respond(head, kind)),
+            Err(f) if f.before_response && self.replay.is_some() => {
+                let head = self.replay.take().expect("checked");
+                log::debug!("{} reused connection to {} closed; retrying", ctx.request_id, self.addr);
+                let fresh = self.pool.checkout_fresh(self.addr).map_err(Failure::pool).and_then(|mut conn| {
+                    let up = conn.conn();
+                    up.stream.write_all(&head).map_err(|e| Failure::upstream_io("write", &e, false))?;
+                    Ok(conn)
+                });
+                match fresh {
+                    Ok(conn) => {
+                        self.conn = Some(conn);
+                        None
+                    }
+                    Err(f) => Some(answer(f, ctx, self.addr)),
+                }
+            }
+            Err(f) => Some(answer(f, ctx, self.addr)),
+        }
+    }
+
+    fn timed_out(self: Box<Self>, ctx: &mut Context) -> Response {
+        answer(Failure::new(504, "upstream read timed out"), ctx, self.addr)
+    }
+}
+
+impl AwaitResponse {
+    /// One read (the socket is readable, so it does not block), then as much
+    /// of the head as that completes. 1xx responses go on to the client.
+    fn read_head(&mut self, client: &mut Downstream) -> Result<Option<(ResponseHead, BodyKind)>, Failure> {
+        let up = self.conn.as_mut().expect("held until answered").conn();
+        match up.buf.read_from(&mut up.stream) {
+            Ok(0) => {
+                return Err(Failure {
+                    status: 502,
+                    reason: "upstream closed the connection without a response".into(),
+                    before_response: !self.received_any,
+                })
+            }
+            Ok(_) => self.received_any = true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(None),
+            Err(e) => return Err(Failure::upstream_io("read", &e, !self.received_any)),
+        }
+        loop {
+            let Some((head, len)) = response::parse(up.buf.filled(), self.max_head).map_err(|e| Failure::new(502, e.reason))? else {
+                return Ok(None);
+            };
+            up.buf.consume(len);
+            if head.status == 101 {
+                return Err(Failure::new(502, "upstream switched protocols unasked"));
+            }
+            if !head.is_informational() {
+                let kind = response::body_kind(&head, self.head_request).map_err(|e| Failure::new(502, e.reason))?;
+                return Ok(Some((head, kind)));
+            }
+            let mut interim = head;
+            strip_hop_by_hop(&mut interim.headers);
+            client
+                .send_interim(&interim)
+                .map_err(|e| Failure::new(502, format!("client write failed: {e}")))?;
+        }
+    }
+
+    /// The response as the client gets it, its body read straight off the upstream.
+    fn respond(&mut self, mut head: ResponseHead, kind: BodyKind) -> Response {
+        let conn = self.conn.take().expect("held until answered");
         let reusable = head.keep_alive() && kind != BodyKind::UntilClose;
         strip_hop_by_hop(&mut head.headers);
-        self.add_via(&mut head.headers, head.version);
+        add_via(&mut head.headers, head.version, &self.via);
         let body = match kind {
             BodyKind::Empty => {
                 if reusable {
@@ -161,93 +308,7 @@ impl ProxyCore {
                 reusable,
             })),
         };
-        Ok(Response { head, body })
-    }
-
-    /// The head we send upstream. Changes `req` to what was forwarded.
-    fn upstream_head(&self, req: &mut Request, body: BodyKind, client: SocketAddr) -> Vec<u8> {
-        let headers = &mut req.headers;
-        strip_hop_by_hop(headers);
-        // We answer Expect ourselves, when the body is first read.
-        headers.remove("expect");
-        let forwarded_for = joined(headers, "x-forwarded-for", &client.ip().to_string());
-        headers.set("X-Forwarded-For", forwarded_for);
-        headers.set("X-Forwarded-Proto", "http");
-        if let Some(host) = headers.get("host").map(<[u8]>::to_vec) {
-            headers.set("X-Forwarded-Host", host);
-        }
-        self.add_via(headers, req.version);
-        if body == BodyKind::Chunked {
-            headers.append("Transfer-Encoding", "chunked");
-        }
-
-        let mut out = Vec::with_capacity(512);
-        out.extend_from_slice(req.method.as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(req.target.as_bytes());
-        out.extend_from_slice(b" HTTP/1.1\r\n");
-        req.headers.write_to(&mut out);
-        out.extend_from_slice(b"\r\n");
-        out
-    }
-
-    fn add_via(&self, headers: &mut Headers, received: Version) {
-        let version = match received {
-            Version::Http10 => "1.0",
-            Version::Http11 => "1.1",
-        };
-        let via = joined(headers, "via", &format!("{version} {}", self.via));
-        headers.set("Via", via);
-    }
-
-    /// Sends the request and reads up to the final response head.
-    fn exchange(
-        &self,
-        conn: &mut Pooled,
-        head: &[u8],
-        req: &Request,
-        downstream: &mut Downstream,
-    ) -> Result<(ResponseHead, BodyKind), Failure> {
-        let up = conn.conn();
-        up.stream
-            .write_all(head)
-            .map_err(|e| Failure::upstream_io("write", &e, true))?;
-        send_body(downstream, &mut up.stream)?;
-
-        let mut received_any = !up.buf.is_empty();
-        loop {
-            match response::parse(up.buf.filled(), self.max_head) {
-                Ok(Some((head, len))) => {
-                    up.buf.consume(len);
-                    if head.status == 101 {
-                        return Err(Failure::new(502, "upstream switched protocols unasked"));
-                    }
-                    if head.is_informational() {
-                        let mut interim = head;
-                        strip_hop_by_hop(&mut interim.headers);
-                        downstream
-                            .send_interim(&interim)
-                            .map_err(|e| Failure::new(502, format!("client write failed: {e}")))?;
-                        continue;
-                    }
-                    let kind = response::body_kind(&head, &req.method).map_err(|e| Failure::new(502, e.reason))?;
-                    return Ok((head, kind));
-                }
-                Ok(None) => {}
-                Err(e) => return Err(Failure::new(502, e.reason)),
-            }
-            match up.buf.read_from(&mut up.stream) {
-                Ok(0) => {
-                    return Err(Failure {
-                        status: 502,
-                        reason: "upstream closed the connection without a response".into(),
-                        before_response: !received_any,
-                    })
-                }
-                Ok(_) => received_any = true,
-                Err(e) => return Err(Failure::upstream_io("read", &e, !received_any)),
-            }
-        }
+        Response { head, body }
     }
 }
 

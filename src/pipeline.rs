@@ -8,9 +8,10 @@
 use std::fmt;
 use std::marker::PhantomData;
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::de::{DeserializeSeed, Deserializer, IntoDeserializer, MapAccess, Visitor};
 use serde::Deserialize;
@@ -44,6 +45,30 @@ pub trait Module: Send + Sync {
 pub enum Flow {
     Continue,
     Respond(Response),
+    /// The response is on its way from an upstream: the server waits for it
+    /// without holding a thread, then carries on as if it had been returned.
+    Await(Box<dyn PendingResponse>),
+}
+
+/// A response still on its way. The server parks the exchange until `fd` is
+/// readable, calls `poll`, and repeats until it yields the response; if no
+/// progress comes within `timeout` it calls `timed_out` instead.
+pub trait PendingResponse: Send {
+    /// The socket whose readability means progress.
+    fn fd(&self) -> RawFd;
+    /// Longest wait for the next bytes.
+    fn timeout(&self) -> Duration;
+    /// Called when `fd` is readable, so a single read never blocks.
+    /// `None`: not complete yet; wait again.
+    fn poll(&mut self, client: &mut Downstream, ctx: &mut Context) -> Option<Response>;
+    /// The answer when the wait ran past `timeout`.
+    fn timed_out(self: Box<Self>, ctx: &mut Context) -> Response;
+}
+
+/// What the request phase produced.
+pub enum Handled {
+    Respond(Response),
+    Await(Box<dyn PendingResponse>),
 }
 
 /// Per-request state shared by the stages.
@@ -126,19 +151,20 @@ impl Pipeline {
         &self.stages
     }
 
-    /// Runs the request phase. Returns the response and how many stages ran.
+    /// Runs the request phase. Returns its outcome and how many stages ran.
     pub fn handle(
         &self,
         req: &mut Request,
         downstream: &mut Downstream,
         ctx: &mut Context,
-    ) -> (Response, usize) {
+    ) -> (Handled, usize) {
         for (i, stage) in self.stages.iter().enumerate() {
             let flow = guarded(stage, ctx, |ctx| stage.module.handle(req, downstream, ctx));
             match flow {
                 Ok(Flow::Continue) => {}
-                Ok(Flow::Respond(resp)) => return (resp, i + 1),
-                Err(failed) => return (failed.into(), i + 1),
+                Ok(Flow::Respond(resp)) => return (Handled::Respond(resp), i + 1),
+                Ok(Flow::Await(pending)) => return (Handled::Await(pending), i + 1),
+                Err(failed) => return (Handled::Respond(failed.into()), i + 1),
             }
         }
         let resp = Response::text(500, "no module answered the request");
@@ -148,7 +174,21 @@ impl Pipeline {
             req.method,
             req.target
         );
-        (resp, self.stages.len())
+        (Handled::Respond(resp), self.stages.len())
+    }
+
+    /// Polls the pending response of the stage that awaited it (the last of
+    /// the `ran`), guarding it like every other hook.
+    pub fn poll(
+        &self,
+        ran: usize,
+        pending: &mut dyn PendingResponse,
+        downstream: &mut Downstream,
+        ctx: &mut Context,
+    ) -> Option<Response> {
+        let stage = &self.stages[ran - 1];
+        guarded(stage, ctx, |ctx| pending.poll(downstream, ctx))
+            .unwrap_or_else(|failed| Some(failed.into()))
     }
 
     /// Runs the response phase over the first `ran` stages, last first.

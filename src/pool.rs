@@ -236,6 +236,14 @@ fn is_alive(stream: &TcpStream) -> bool {
 }
 
 impl Pooled {
+    pub fn stream(&self) -> &TcpStream {
+        &self
+            .conn
+            .as_ref()
+            .expect("connection present until released")
+            .stream
+    }
+
     pub fn conn(&mut self) -> &mut Upstream {
         self.conn
             .as_mut()

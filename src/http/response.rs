@@ -95,8 +95,8 @@ pub fn parse(buf: &[u8], max_size: usize) -> Result<Option<(ResponseHead, usize)
 }
 
 /// How the body of an upstream response is delimited (RFC 9112 §6.3).
-pub fn body_kind(head: &ResponseHead, request_method: &str) -> Result<BodyKind, HttpError> {
-    if request_method == "HEAD" || head.is_informational() || matches!(head.status, 204 | 304) {
+pub fn body_kind(head: &ResponseHead, head_request: bool) -> Result<BodyKind, HttpError> {
+    if head_request || head.is_informational() || matches!(head.status, 204 | 304) {
         return Ok(BodyKind::Empty);
     }
     let length = content_length(&head.headers).map_err(bad)?;
@@ -129,8 +129,8 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nSet-Cookie: a\r\nSet-Cookie: b\r\nContent-Length: 2\r\n\r\nhi";
         let (head, len) = parse(raw, 1024).unwrap().unwrap();
         assert_eq!(len, raw.len() - 2);
-        assert_eq!(body_kind(&head, "GET").unwrap(), BodyKind::Length(2));
-        assert_eq!(body_kind(&head, "HEAD").unwrap(), BodyKind::Empty);
+        assert_eq!(body_kind(&head, false).unwrap(), BodyKind::Length(2));
+        assert_eq!(body_kind(&head, true).unwrap(), BodyKind::Empty);
         let mut out = Vec::new();
         head.write_to(&mut out);
         assert_eq!(out, &raw[..len]);
@@ -148,7 +148,7 @@ mod tests {
 
     #[test]
     fn framing_of_upstream_bodies() {
-        let kind = |raw: &[u8]| body_kind(&parse(raw, 1024).unwrap().unwrap().0, "GET");
+        let kind = |raw: &[u8]| body_kind(&parse(raw, 1024).unwrap().unwrap().0, false);
         assert_eq!(
             kind(b"HTTP/1.1 200 OK\r\n\r\n").unwrap(),
             BodyKind::UntilClose

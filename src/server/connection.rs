@@ -1,21 +1,24 @@
 //! One client connection: parse each request head, run the pipeline, write
 //! the response, and decide whether the connection goes on.
 //!
-//! A worker serves a connection only while bytes are at hand. When the next
-//! head has not (fully) arrived it parks the connection instead of waiting, so
-//! neither idle keep-alive clients nor slow senders hold a thread.
+//! A worker serves a connection only while it can make progress. When the
+//! next head has not (fully) arrived it parks the connection; when a module
+//! awaits an upstream response it suspends the exchange. Either way the
+//! worker moves on, so neither idle or slow clients nor slow upstreams hold
+//! a thread.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::RawFd;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use super::downstream::Downstream;
 use super::{OpenSlot, Shared};
 use crate::http::chunked::{encode_chunk_header, encode_last_chunk, CHUNK_END};
-use crate::http::{request, HttpError, ReadBuf, Request, Version};
+use crate::http::{request, BodyKind, Framing, HttpError, ReadBuf, Request, Version};
 use crate::logging::AccessRecord;
-use crate::pipeline::{Body, Context, Response};
+use crate::pipeline::{Body, Context, Handled, PendingResponse, Response};
 
 pub struct Conn {
     pub stream: TcpStream,
@@ -24,8 +27,6 @@ pub struct Conn {
     pub token: u64,
     /// Already in the epoll set (re-arm rather than add).
     pub registered: bool,
-    /// When a parked connection is given up.
-    pub deadline: Instant,
     /// Set while a request head is arriving: past it the client gets 408.
     pub head_deadline: Option<Instant>,
     /// Its place within `max_connections`; `None` when accepted beyond it,
@@ -48,20 +49,61 @@ impl Conn {
     }
 }
 
+/// A request between its head and its response.
+struct Exchange {
+    req: Request,
+    /// What the request asked for; the response may still close.
+    keep_alive: bool,
+    /// A body left unread leaves no way to find the next request.
+    body_read: bool,
+    ctx: Context,
+    /// Pipeline stages whose `handle` ran.
+    ran: usize,
+}
+
+/// An exchange waiting for its upstream's response.
+pub struct Suspended {
+    exchange: Exchange,
+    pending: Box<dyn PendingResponse>,
+    pub deadline: Instant,
+}
+
+impl Suspended {
+    fn new(exchange: Exchange, pending: Box<dyn PendingResponse>) -> Suspended {
+        let deadline = Instant::now() + pending.timeout();
+        Suspended {
+            exchange,
+            pending,
+            deadline,
+        }
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.pending.fd()
+    }
+}
+
 /// What became of a connection after a worker served it.
 pub enum Next {
-    Park(Conn),
+    /// Wait for more bytes from the client, until the deadline.
+    Park(Conn, Instant),
+    /// Wait for the upstream.
+    Suspend(Conn, Suspended),
     Close,
 }
 
 /// Serves a connection that epoll reported readable.
 pub fn serve(mut conn: Conn, shared: &Shared) -> Next {
     match conn.buf.read_from(&mut conn.stream) {
-        Ok(0) => return Next::Close,
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return park(conn, shared),
-        Err(_) => return Next::Close,
+        Ok(0) => Next::Close,
+        Ok(_) => drive(conn, shared),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => park(conn, shared),
+        Err(_) => Next::Close,
     }
+}
+
+/// Serves every request already buffered.
+fn drive(mut conn: Conn, shared: &Shared) -> Next {
     loop {
         if conn.head_deadline.is_some_and(|d| d <= Instant::now()) {
             conn.expire();
@@ -91,29 +133,46 @@ pub fn serve(mut conn: Conn, shared: &Shared) -> Next {
             );
             return Next::Close;
         }
-        if !exchange(&mut conn, req, framing, shared) || shared.shutting_down.load(Relaxed) {
-            return Next::Close;
+        match start(&mut conn, req, framing, shared) {
+            // Pipelined: the next head is already (partly) here.
+            Ok(true) if !conn.buf.is_empty() && !shared.shutting_down.load(Relaxed) => {}
+            Ok(keep_alive) => return carry_on(conn, keep_alive, shared),
+            Err(suspended) => return Next::Suspend(conn, suspended),
         }
-        if conn.buf.is_empty() {
-            return park(conn, shared);
-        }
-        // Pipelined: the next head is already (partly) here.
+    }
+}
+
+/// Where a connection goes once a response is written: on to the next
+/// pipelined request, parked, or closed.
+fn carry_on(conn: Conn, keep_alive: bool, shared: &Shared) -> Next {
+    if !keep_alive || shared.shutting_down.load(Relaxed) {
+        Next::Close
+    } else if conn.buf.is_empty() {
+        park(conn, shared)
+    } else {
+        drive(conn, shared)
     }
 }
 
 fn park(mut conn: Conn, shared: &Shared) -> Next {
-    conn.deadline = match conn.head_deadline {
+    let deadline = match conn.head_deadline {
         Some(deadline) => deadline,
         None => {
             conn.buf.release();
             Instant::now() + shared.keepalive_timeout
         }
     };
-    Next::Park(conn)
+    Next::Park(conn, deadline)
 }
 
-/// One request and its response. Returns whether the connection may go on.
-fn exchange(conn: &mut Conn, mut req: Request, framing: request::Framing, shared: &Shared) -> bool {
+/// Runs the request phase. `Ok(keep_alive)` once the response is written,
+/// `Err` when it must wait for an upstream.
+fn start(
+    conn: &mut Conn,
+    mut req: Request,
+    framing: Framing,
+    shared: &Shared,
+) -> Result<bool, Suspended> {
     let mut ctx = Context::new(conn.peer);
     let mut downstream = Downstream::new(
         &mut conn.stream,
@@ -122,33 +181,90 @@ fn exchange(conn: &mut Conn, mut req: Request, framing: request::Framing, shared
         req.version,
         shared.limits.max_body_size,
     );
-    let (mut resp, ran) = shared.pipeline.handle(&mut req, &mut downstream, &mut ctx);
-    shared.pipeline.on_response(ran, &req, &mut resp, &mut ctx);
-    // A body left unread leaves no way to find the next request.
-    let body_read = downstream.body_done();
-    let keep_alive = framing.keep_alive && body_read && !shared.shutting_down.load(Relaxed);
+    let (handled, ran) = shared.pipeline.handle(&mut req, &mut downstream, &mut ctx);
+    let exchange = Exchange {
+        keep_alive: framing.keep_alive,
+        body_read: downstream.body_done(),
+        req,
+        ctx,
+        ran,
+    };
+    match handled {
+        Handled::Respond(resp) => Ok(finish(conn, exchange, resp, shared)),
+        Handled::Await(pending) => Err(Suspended::new(exchange, pending)),
+    }
+}
 
+/// Continues an exchange whose upstream became readable.
+pub fn resume(mut conn: Conn, mut suspended: Suspended, shared: &Shared) -> Next {
+    let exchange = &mut suspended.exchange;
+    // The request body is behind us: the client side only takes interim responses now.
+    let framing = Framing {
+        body: BodyKind::Empty,
+        keep_alive: exchange.keep_alive,
+        expect_continue: false,
+    };
+    let mut downstream = Downstream::new(
+        &mut conn.stream,
+        &mut conn.buf,
+        framing,
+        exchange.req.version,
+        0,
+    );
+    let polled = shared.pipeline.poll(
+        exchange.ran,
+        suspended.pending.as_mut(),
+        &mut downstream,
+        &mut exchange.ctx,
+    );
+    let Some(resp) = polled else {
+        suspended.deadline = Instant::now() + suspended.pending.timeout();
+        return Next::Suspend(conn, suspended);
+    };
+    let keep_alive = finish(&mut conn, suspended.exchange, resp, shared);
+    carry_on(conn, keep_alive, shared)
+}
+
+/// The upstream did not answer in time: the module says what the client gets.
+pub fn time_out(mut conn: Conn, suspended: Suspended, shared: &Shared) {
+    let Suspended {
+        mut exchange,
+        pending,
+        ..
+    } = suspended;
+    let resp = pending.timed_out(&mut exchange.ctx);
+    exchange.keep_alive = false;
+    finish(&mut conn, exchange, resp, shared);
+}
+
+/// The response phase: modules, then the wire, then the access log.
+/// Returns whether the connection may go on.
+fn finish(conn: &mut Conn, mut ex: Exchange, mut resp: Response, shared: &Shared) -> bool {
+    shared
+        .pipeline
+        .on_response(ex.ran, &ex.req, &mut resp, &mut ex.ctx);
+    let keep_alive = ex.keep_alive && ex.body_read && !shared.shutting_down.load(Relaxed);
     let status = resp.head.status;
     let written = write_response(
         &mut conn.stream,
-        &req,
+        &ex.req,
         resp,
         keep_alive,
         shared,
-        ran,
-        &mut ctx,
+        ex.ran,
+        &mut ex.ctx,
     );
     crate::logging::access(&AccessRecord {
         client: conn.peer,
-        method: &req.method,
-        target: &req.target,
+        method: &ex.req.method,
+        target: &ex.req.target,
         status,
         bytes: written.as_ref().map_or(0, |w| w.bytes),
-        duration: ctx.started.elapsed(),
-        upstream: ctx.upstream,
-        request_id: &ctx.request_id,
+        duration: ex.ctx.started.elapsed(),
+        upstream: ex.ctx.upstream,
+        request_id: &ex.ctx.request_id,
     });
-    if !body_read {
+    if !ex.body_read {
         linger(&mut conn.stream);
     }
     match written {
@@ -165,7 +281,7 @@ fn exchange(conn: &mut Conn, mut req: Request, framing: request::Framing, shared
             };
             log::info!(
                 "{} {}: response not completed: {why}",
-                ctx.request_id,
+                ex.ctx.request_id,
                 conn.peer
             );
             false

@@ -28,7 +28,7 @@ use crate::modules;
 use crate::pipeline::{BuildEnv, Pipeline, Stage};
 use crate::pool::{Pool, PoolLimits};
 use connection::{Conn, Next};
-use parked::Parked;
+use parked::{Parked, Waiting};
 use reactor::Reactor;
 
 /// The epoll token of the listening socket.
@@ -152,8 +152,8 @@ impl Server {
         unsafe { libc::shutdown(shared.listener.as_raw_fd(), libc::SHUT_RDWR) };
         let deadline = Instant::now() + timeout;
         loop {
-            drop(shared.parked.drain());
-            let busy = shared.busy.load(Relaxed);
+            drop(shared.parked.drain_clients());
+            let busy = shared.busy.load(Relaxed) + shared.parked.suspended();
             if busy == 0 {
                 log::info!("shutdown complete");
                 return;
@@ -181,13 +181,21 @@ fn worker(shared: &Arc<Shared>) {
             accept_pending(shared);
             continue;
         }
-        let Some(conn) = shared.parked.take(token) else {
+        let Some(waiting) = shared.parked.take(token) else {
             continue; // expired or drained between the event and now
         };
         shared.busy.fetch_add(1, Relaxed);
-        match catch_unwind(AssertUnwindSafe(|| connection::serve(conn, shared))) {
-            Ok(Next::Park(conn)) if !shared.shutting_down.load(Relaxed) => {
-                shared.parked.park(conn, &shared.reactor)
+        let next = catch_unwind(AssertUnwindSafe(|| match waiting {
+            Waiting::Client(conn) => connection::serve(conn, shared),
+            Waiting::Upstream(conn, suspended) => connection::resume(conn, suspended, shared),
+        }));
+        match next {
+            Ok(Next::Park(conn, deadline)) if !shared.shutting_down.load(Relaxed) => {
+                shared.parked.park(conn, deadline, &shared.reactor)
+            }
+            // In flight: finishes even during shutdown.
+            Ok(Next::Suspend(conn, suspended)) => {
+                shared.parked.suspend(conn, suspended, &shared.reactor)
             }
             Ok(_) => {}
             Err(_) => {
@@ -234,11 +242,15 @@ fn admit(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> io::Result<()>
         buf: Default::default(),
         token: shared.parked.new_token(),
         registered: false,
-        deadline: Instant::now() + shared.header_timeout,
         head_deadline: None,
         slot,
     };
-    shared.parked.park(conn, &shared.reactor);
+    // A new connection may stay silent for header_timeout.
+    shared.parked.park(
+        conn,
+        Instant::now() + shared.header_timeout,
+        &shared.reactor,
+    );
     Ok(())
 }
 
@@ -262,8 +274,11 @@ impl Drop for OpenSlot {
 fn housekeeping(shared: &Shared) {
     loop {
         thread::sleep(HOUSEKEEPING_TICK);
-        for conn in shared.parked.expired(Instant::now()) {
-            conn.expire();
+        for waiting in shared.parked.expired(Instant::now()) {
+            match waiting {
+                Waiting::Client(conn) => conn.expire(),
+                Waiting::Upstream(conn, suspended) => connection::time_out(conn, suspended, shared),
+            }
         }
         shared.pool.evict_expired();
         crate::logging::flush();

@@ -1,23 +1,39 @@
-//! Connections waiting for bytes: idle keep-alive ones and ones whose request
-//! head is still arriving. They live here, keyed by the token their epoll
-//! registration carries, until a worker takes them or their deadline passes.
+//! Everything waiting for a socket to become readable: idle keep-alive
+//! connections, connections whose request head is still arriving, and
+//! exchanges waiting for their upstream. Each lives here, keyed by the token
+//! its epoll registration carries, until a worker takes it on that event or
+//! its deadline passes.
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Instant;
 
 use parking_lot::Mutex;
 
-use super::connection::Conn;
+use super::connection::{Conn, Suspended};
 use super::reactor::Reactor;
 
 /// Sharded so workers parking and taking different connections rarely meet on one lock.
 const SHARDS: usize = 16;
 
+pub enum Waiting {
+    /// For the client's next bytes.
+    Client(Conn),
+    /// For the upstream's response; the client connection waits with it.
+    Upstream(Conn, Suspended),
+}
+
+struct Entry {
+    waiting: Waiting,
+    deadline: Instant,
+}
+
 pub struct Parked {
-    shards: [Mutex<HashMap<u64, Conn>>; SHARDS],
+    shards: [Mutex<HashMap<u64, Entry>>; SHARDS],
     next_token: AtomicU64,
+    /// Exchanges in flight while suspended: shutdown waits for them.
+    suspended: AtomicUsize,
 }
 
 impl Parked {
@@ -26,6 +42,7 @@ impl Parked {
             shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
             // Tokens below this are reserved (the listener's).
             next_token: AtomicU64::new(16),
+            suspended: AtomicUsize::new(0),
         }
     }
 
@@ -33,53 +50,107 @@ impl Parked {
         self.next_token.fetch_add(1, Relaxed)
     }
 
-    fn shard(&self, token: u64) -> &Mutex<HashMap<u64, Conn>> {
+    fn shard(&self, token: u64) -> &Mutex<HashMap<u64, Entry>> {
         &self.shards[token as usize % SHARDS]
     }
 
-    /// Stores `conn` and arms its readable event. Stored first, so the event can
-    /// never find it missing. On failure the connection is dropped (closed).
-    pub fn park(&self, mut conn: Conn, reactor: &Reactor) {
-        let token = conn.token;
-        let fd = conn.stream.as_raw_fd();
-        let first_time = !std::mem::replace(&mut conn.registered, true);
-        self.shard(token).lock().insert(token, conn);
-        let armed = if first_time {
-            reactor.add(fd, token)
-        } else {
-            reactor.rearm(fd, token)
-        };
-        if let Err(e) = armed {
-            log::error!("cannot watch connection: {e}");
+    /// Stores `entry` and only then arms its event, so the event can never
+    /// find it missing. If arming fails the entry is dropped (closed).
+    fn insert(&self, token: u64, entry: Entry, arm: impl FnOnce() -> std::io::Result<()>) {
+        self.shard(token).lock().insert(token, entry);
+        if let Err(e) = arm() {
+            log::error!("cannot watch a socket: {e}");
             self.take(token);
         }
     }
 
-    /// The connection behind an event; `None` if it expired meanwhile.
-    pub fn take(&self, token: u64) -> Option<Conn> {
-        self.shard(token).lock().remove(&token)
+    /// Waits for the client's next bytes until `deadline`.
+    pub fn park(&self, mut conn: Conn, deadline: Instant, reactor: &Reactor) {
+        let token = conn.token;
+        let fd = conn.stream.as_raw_fd();
+        let first_time = !std::mem::replace(&mut conn.registered, true);
+        let entry = Entry {
+            waiting: Waiting::Client(conn),
+            deadline,
+        };
+        self.insert(token, entry, || {
+            if first_time {
+                reactor.add(fd, token)
+            } else {
+                reactor.rearm(fd, token)
+            }
+        });
     }
 
-    /// Removes and returns every connection whose deadline has passed.
-    pub fn expired(&self, now: Instant) -> Vec<Conn> {
+    /// Waits for the upstream's response; the client stays unwatched meanwhile.
+    pub fn suspend(&self, conn: Conn, suspended: Suspended, reactor: &Reactor) {
+        let token = self.new_token();
+        let fd = suspended.fd();
+        let entry = Entry {
+            deadline: suspended.deadline,
+            waiting: Waiting::Upstream(conn, suspended),
+        };
+        self.suspended.fetch_add(1, Relaxed);
+        self.insert(token, entry, || reactor.watch(fd, token));
+    }
+
+    /// What waited behind an event; `None` if it expired meanwhile.
+    pub fn take(&self, token: u64) -> Option<Waiting> {
+        let entry = self.shard(token).lock().remove(&token)?;
+        Some(self.leaving(entry))
+    }
+
+    fn leaving(&self, entry: Entry) -> Waiting {
+        if matches!(entry.waiting, Waiting::Upstream(..)) {
+            self.suspended.fetch_sub(1, Relaxed);
+        }
+        entry.waiting
+    }
+
+    /// Removes and returns everything whose deadline has passed.
+    pub fn expired(&self, now: Instant) -> Vec<Waiting> {
         let mut out = Vec::new();
         for shard in &self.shards {
             let mut map = shard.lock();
             let tokens: Vec<u64> = map
                 .iter()
-                .filter(|(_, c)| c.deadline <= now)
+                .filter(|(_, e)| e.deadline <= now)
                 .map(|(t, _)| *t)
                 .collect();
-            out.extend(tokens.iter().filter_map(|t| map.remove(t)));
+            for token in tokens {
+                if let Some(entry) = map.remove(&token) {
+                    out.push(self.leaving(entry));
+                }
+            }
         }
         out
     }
 
-    /// Removes and returns every parked connection (shutdown).
-    pub fn drain(&self) -> Vec<Conn> {
-        self.shards
-            .iter()
-            .flat_map(|shard| std::mem::take(&mut *shard.lock()).into_values())
-            .collect()
+    /// Removes and returns every connection waiting for its client (shutdown).
+    pub fn drain_clients(&self) -> Vec<Conn> {
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            let mut map = shard.lock();
+            let idle: Vec<u64> = map
+                .iter()
+                .filter(|(_, e)| matches!(e.waiting, Waiting::Client(_)))
+                .map(|(t, _)| *t)
+                .collect();
+            for token in idle {
+                if let Some(Entry {
+                    waiting: Waiting::Client(conn),
+                    ..
+                }) = map.remove(&token)
+                {
+                    out.push(conn);
+                }
+            }
+        }
+        out
+    }
+
+    /// Exchanges waiting for an upstream right now.
+    pub fn suspended(&self) -> usize {
+        self.suspended.load(Relaxed)
     }
 }

@@ -35,6 +35,15 @@ impl Reactor {
         self.ctl(libc::EPOLL_CTL_MOD, fd, token)
     }
 
+    /// Re-arms `fd`, or adds it if this set has not seen it yet (an upstream
+    /// connection's first wait).
+    pub fn watch(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        match self.rearm(fd, token) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => self.add(fd, token),
+            other => other,
+        }
+    }
+
     pub fn remove(&self, fd: RawFd) -> io::Result<()> {
         // SAFETY: a null event is allowed for EPOLL_CTL_DEL.
         let rc = unsafe {
