@@ -69,13 +69,13 @@ pub struct Suspended {
 }
 
 impl Suspended {
-    fn new(exchange: Exchange, pending: Box<dyn PendingResponse>) -> Suspended {
+    fn new(exchange: Exchange, pending: Box<dyn PendingResponse>) -> Box<Suspended> {
         let deadline = Instant::now() + pending.timeout();
-        Suspended {
+        Box::new(Suspended {
             exchange,
             pending,
             deadline,
-        }
+        })
     }
 
     pub fn fd(&self) -> RawFd {
@@ -88,7 +88,7 @@ pub enum Next {
     /// Wait for more bytes from the client, until the deadline.
     Park(Conn, Instant),
     /// Wait for the upstream.
-    Suspend(Conn, Suspended),
+    Suspend(Conn, Box<Suspended>),
     Close,
 }
 
@@ -172,7 +172,7 @@ fn start(
     mut req: Request,
     framing: Framing,
     shared: &Shared,
-) -> Result<bool, Suspended> {
+) -> Result<bool, Box<Suspended>> {
     let mut ctx = Context::new(conn.peer);
     let mut downstream = Downstream::new(
         &mut conn.stream,
@@ -196,7 +196,7 @@ fn start(
 }
 
 /// Continues an exchange whose upstream became readable.
-pub fn resume(mut conn: Conn, mut suspended: Suspended, shared: &Shared) -> Next {
+pub fn resume(mut conn: Conn, mut suspended: Box<Suspended>, shared: &Shared) -> Next {
     let exchange = &mut suspended.exchange;
     // The request body is behind us: the client side only takes interim responses now.
     let framing = Framing {
@@ -226,12 +226,12 @@ pub fn resume(mut conn: Conn, mut suspended: Suspended, shared: &Shared) -> Next
 }
 
 /// The upstream did not answer in time: the module says what the client gets.
-pub fn time_out(mut conn: Conn, suspended: Suspended, shared: &Shared) {
+pub fn time_out(mut conn: Conn, suspended: Box<Suspended>, shared: &Shared) {
     let Suspended {
         mut exchange,
         pending,
         ..
-    } = suspended;
+    } = *suspended;
     let resp = pending.timed_out(&mut exchange.ctx);
     exchange.keep_alive = false;
     finish(&mut conn, exchange, resp, shared);

@@ -21,7 +21,7 @@ pub enum Waiting {
     /// For the client's next bytes.
     Client(Conn),
     /// For the upstream's response; the client connection waits with it.
-    Upstream(Conn, Suspended),
+    Upstream(Conn, Box<Suspended>),
 }
 
 struct Entry {
@@ -83,7 +83,7 @@ impl Parked {
     }
 
     /// Waits for the upstream's response; the client stays unwatched meanwhile.
-    pub fn suspend(&self, conn: Conn, suspended: Suspended, reactor: &Reactor) {
+    pub fn suspend(&self, conn: Conn, suspended: Box<Suspended>, reactor: &Reactor) {
         let token = self.new_token();
         let fd = suspended.fd();
         let entry = Entry {
