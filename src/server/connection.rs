@@ -352,33 +352,46 @@ fn write_response(
             stream.write_all(&out)?;
         }
         Body::Stream(mut body) => {
+            // The body is dropped (freeing its upstream connection for reuse)
+            // before the client can see the end of the response and send its
+            // next request, so that request finds the connection idle.
+            let length = body.length();
             loop {
                 let chunk = body
                     .next_chunk()
                     .map_err(|e| io::Error::other(format!("upstream body: {e}")))?;
-                let Some(chunk) = chunk else { break };
+                let Some(chunk) = chunk else {
+                    if chunked {
+                        encode_last_chunk(&mut out, body.trailers());
+                    }
+                    drop(body);
+                    stream.write_all(&out)?;
+                    break;
+                };
                 bytes += chunk.len() as u64;
                 shared
                     .pipeline
                     .on_body_chunk(ran, chunk, ctx)
                     .map_err(|f| io::Error::other(format!("module `{}` failed", f.module)))?;
+                let last = length == Some(bytes);
                 if chunked {
                     encode_chunk_header(&mut out, chunk.len());
                     out.extend_from_slice(chunk);
                     out.extend_from_slice(CHUNK_END);
-                    stream.write_all(&out)?;
-                } else if out.is_empty() {
+                } else if out.is_empty() && !last {
                     stream.write_all(chunk)?;
+                    continue;
                 } else {
                     out.extend_from_slice(chunk);
-                    stream.write_all(&out)?;
                 }
+                if last {
+                    drop(body);
+                    stream.write_all(&out)?;
+                    break;
+                }
+                stream.write_all(&out)?;
                 out.clear();
             }
-            if chunked {
-                encode_last_chunk(&mut out, body.trailers());
-            }
-            stream.write_all(&out)?;
         }
     }
     Ok(Written { bytes, keep_alive })
