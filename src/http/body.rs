@@ -55,7 +55,7 @@ impl ReadBuf {
     /// One `read` into free space; `Ok(0)` is end of stream.
     pub fn read_from(&mut self, src: &mut impl Read) -> io::Result<usize> {
         if self.bytes.is_empty() {
-            self.bytes = SPARE.with_borrow_mut(Vec::pop).unwrap_or_default();
+            self.bytes = SPARE.lock().pop().unwrap_or_default();
         }
         if self.bytes.len() - self.end < READ_SIZE / 2 {
             if self.start > 0 {
@@ -73,26 +73,27 @@ impl ReadBuf {
     }
 
     /// Gives up the storage of an empty buffer, so idle connections cost
-    /// little memory. It goes to this thread's spares, for the next
-    /// connection this worker serves: no allocation or zeroing per request.
+    /// little memory. It goes to a shared list of spares for the next
+    /// connection that has bytes to read: no allocation or zeroing per request.
+    /// Shared rather than per thread, because the worker that parks a
+    /// connection is often not the one that read its request.
     pub fn release(&mut self) {
-        if self.is_empty() && !self.bytes.is_empty() {
+        if self.is_empty() && self.bytes.len() == READ_SIZE {
             let bytes = std::mem::take(&mut self.bytes);
-            SPARE.with_borrow_mut(|spare| {
-                if spare.len() < MAX_SPARE && bytes.len() == READ_SIZE {
-                    spare.push(bytes);
-                }
-            });
+            let mut spare = SPARE.lock();
+            if spare.len() < MAX_SPARE {
+                spare.push(bytes);
+            }
+        } else if self.is_empty() {
+            self.bytes = Vec::new();
         }
     }
 }
 
-/// Buffers a thread keeps for reuse; a worker serves one connection at a time.
-const MAX_SPARE: usize = 2;
+/// Spare buffers kept at most: enough for every worker to be reading at once.
+const MAX_SPARE: usize = 256;
 
-thread_local! {
-    static SPARE: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
-}
+static SPARE: parking_lot::Mutex<Vec<Vec<u8>>> = parking_lot::Mutex::new(Vec::new());
 
 /// Why a body could not be read to its end.
 #[derive(Debug)]

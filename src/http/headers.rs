@@ -23,6 +23,15 @@ impl Headers {
         Headers::default()
     }
 
+    /// Room for `bytes` of names and values in `fields` fields (plus a few
+    /// more the proxy adds) without reallocating.
+    pub fn with_capacity(bytes: usize, fields: usize) -> Headers {
+        Headers {
+            bytes: Vec::with_capacity(bytes + 256),
+            entries: Vec::with_capacity(fields + 8),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }

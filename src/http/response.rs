@@ -1,5 +1,7 @@
 //! Response heads: parsing what an upstream sends, and writing what we send.
 
+use std::mem::MaybeUninit;
+
 use super::{
     check_line_endings, chunked_is_last, content_length, reason_phrase, BodyKind, Headers,
     HttpError, Version,
@@ -68,9 +70,14 @@ const MAX_RESPONSE_HEADERS: usize = 128;
 /// Parses an upstream response head from the front of `buf`.
 /// `Ok(None)`: incomplete. Errors carry 502.
 pub fn parse(buf: &[u8], max_size: usize) -> Result<Option<(ResponseHead, usize)>, HttpError> {
-    let mut storage = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-    let mut res = httparse::Response::new(&mut storage);
-    let len = match res.parse(buf) {
+    let mut storage = [const { MaybeUninit::uninit() }; MAX_RESPONSE_HEADERS];
+    let mut res = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut res,
+        buf,
+        &mut storage,
+    );
+    let len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() > max_size => {
             return Err(bad("upstream response head too large"))
@@ -79,7 +86,7 @@ pub fn parse(buf: &[u8], max_size: usize) -> Result<Option<(ResponseHead, usize)
         Err(_) => return Err(bad("malformed upstream response head")),
     };
     check_line_endings(&buf[..len]).map_err(|_| bad("malformed upstream response head"))?;
-    let mut headers = Headers::new();
+    let mut headers = Headers::with_capacity(len, res.headers.len());
     for h in res.headers.iter() {
         headers.append(h.name, h.value);
     }
