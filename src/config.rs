@@ -29,7 +29,8 @@ pub struct ServerConfig {
     pub listen_addr: SocketAddr,
     /// Where requests go until routes choose otherwise.
     pub backend_addr: SocketAddr,
-    pub workers: NonZeroUsize,
+    /// 0: two per CPU core.
+    pub workers: usize,
     pub max_connections: NonZeroUsize,
     /// Whole request head, from its first byte; a slow drip gets 408.
     pub header_timeout: Dur,
@@ -53,7 +54,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen_addr: ([127, 0, 0, 1], 3000).into(),
             backend_addr: ([127, 0, 0, 1], 8080).into(),
-            workers: nz(128),
+            workers: 0,
             max_connections: nz(10_000),
             header_timeout: Dur::secs(10),
             body_timeout: Dur::secs(30),
@@ -246,7 +247,7 @@ mod tests {
     #[test]
     fn bad_values_name_line() {
         for (text, line) in [
-            ("[server]\n\nworkers = 0\n", "line 3"),
+            ("[server]\n\nworkers = -1\n", "line 3"),
             ("[server]\nheader_timeout = \"5 parsecs\"\n", "line 2"),
             ("[server]\nheader_timeout = \"0s\"\n", "line 2"),
             ("[log]\nlevel = \"loud\"\n", "line 2"),

@@ -111,7 +111,11 @@ impl Server {
             listener,
             pool,
         });
-        for i in 0..s.workers.get() {
+        let workers = match s.workers {
+            0 => 2 * thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        for i in 0..workers {
             let shared = shared.clone();
             thread::Builder::new()
                 .name(format!("worker-{i}"))
@@ -132,7 +136,7 @@ impl Server {
         log::info!(
             "listening on {local_addr}, forwarding to {} with {} workers; pipeline: {}",
             s.backend_addr,
-            s.workers,
+            workers,
             stages.join(" → ")
         );
         Ok(Server { shared, local_addr })
