@@ -151,13 +151,16 @@ impl Pool {
         loop {
             if reuse {
                 while let Some((conn, since)) = state.idle.pop() {
+                    // The liveness check is a syscall: not under the lock.
+                    drop(state);
                     if since.elapsed() < self.limits.idle_timeout && is_alive(&conn.stream) {
-                        drop(state);
                         self.hits.fetch_add(1, Relaxed);
                         return Ok(self.pooled(conn, host, true));
                     }
-                    state.open -= 1;
+                    drop(conn);
                     self.evictions.fetch_add(1, Relaxed);
+                    state = host.state.lock();
+                    state.open -= 1;
                 }
             }
             let max = self.limits.max_conns_per_host;
