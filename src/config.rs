@@ -100,7 +100,7 @@ pub struct PoolConfig {
 impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {
-            max_idle_per_host: 256,
+            max_idle_per_host: 1024,
             max_conns_per_host: 0,
             idle_timeout: Dur::secs(60),
         }

@@ -255,10 +255,11 @@ impl Pooled {
 
     /// Returns a connection whose last response ended cleanly to the idle stack.
     pub fn release(mut self) {
-        let conn = self.conn.take().expect("released once");
+        let mut conn = self.conn.take().expect("released once");
         if !conn.buf.is_empty() {
             return; // unread bytes: the upstream broke framing; Drop closes it
         }
+        conn.buf.release();
         let mut state = self.host.state.lock();
         if state.idle.len() < self.pool.limits.max_idle_per_host {
             state.idle.push((conn, Instant::now()));
