@@ -1,0 +1,455 @@
+#!/usr/bin/env bash
+# Side-by-side load benchmark: Proxycache vs nginx vs HAProxy, all in front of
+# the same nginx backend, all on 127.0.0.1, driven by wrk one server at a time.
+#
+# Usage (from the repo root):
+#   bash benches/load.sh                  # 10 s per measured run
+#   DURATION=5s OUT=results.md bash benches/load.sh
+#
+# Environment:
+#   DURATION         wrk duration of each measured run (default 10s)
+#   WARMUP           wrk duration of the discarded warm-up run (default 2s)
+#   OUT              also write the Markdown report to this file
+#   PROXYCACHE_BIN   proxycache binary (default target/release/proxycache,
+#                    built with `cargo build --release` only if missing)
+#   BACKEND_PORT, PROXYCACHE_PORT, NGINX_PORT, HAPROXY_PORT
+#                    listen ports (default 18080..18083)
+#   IDLE_CONNS       keep-alive connections held open for the memory test (default 5000)
+#
+# Progress goes to stderr; the Markdown report goes to stdout.
+set -euo pipefail
+
+DURATION=${DURATION:-10s}
+WARMUP=${WARMUP:-2s}
+OUT=${OUT:-}
+BACKEND_PORT=${BACKEND_PORT:-18080}
+PROXYCACHE_PORT=${PROXYCACHE_PORT:-18081}
+NGINX_PORT=${NGINX_PORT:-18082}
+HAPROXY_PORT=${HAPROXY_PORT:-18083}
+IDLE_CONNS=${IDLE_CONNS:-5000}
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+SERVERS=(backend proxycache nginx haproxy)
+
+declare -A PORT=([backend]=$BACKEND_PORT [proxycache]=$PROXYCACHE_PORT
+                 [nginx]=$NGINX_PORT [haproxy]=$HAPROXY_PORT)
+declare -A PID=()   # server name -> pid of the process we started
+declare -A LOG=()   # server name -> its log file
+declare -A RES=()   # "scenario|server|field" -> parsed wrk value
+
+log() { printf '[load] %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+WORK=$(mktemp -d /tmp/proxycache-load.XXXXXX)
+# nginx workers drop to user nobody when started as root: they must be able to
+# read the 64 KiB file and write their temp dirs inside the work dir.
+chmod 755 "$WORK"
+
+cleanup() {
+    local name pid
+    for name in "${!PID[@]}"; do
+        pid=${PID[$name]}
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for name in "${!PID[@]}"; do
+        pid=${PID[$name]}
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- setup -------------------------------------------------------------------
+
+install_tools() {
+    local missing=() sudo=""
+    command -v nginx >/dev/null || missing+=(nginx)
+    command -v haproxy >/dev/null || missing+=(haproxy)
+    command -v wrk >/dev/null || missing+=(wrk)
+    command -v python3 >/dev/null || missing+=(python3)
+    [[ ${#missing[@]} -eq 0 ]] && return
+    [[ $EUID -ne 0 ]] && sudo=sudo
+    log "installing ${missing[*]}"
+    $sudo apt-get update -qq
+    # Debian's postinst would start the packaged services on ports 80/443; we
+    # never talk to them, but do not let them start in the first place.
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
+    $sudo chmod +x /usr/sbin/policy-rc.d
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >&2
+    $sudo rm -f /usr/sbin/policy-rc.d
+}
+
+find_proxycache() {
+    BIN=${PROXYCACHE_BIN:-$REPO/target/release/proxycache}
+    if [[ ! -x $BIN ]]; then
+        [[ -n ${PROXYCACHE_BIN:-} ]] && die "PROXYCACHE_BIN=$BIN is not executable"
+        log "building proxycache (cargo build --release)"
+        (cd "$REPO" && cargo build --release >&2)
+    fi
+    # Noted now: the binary may be rebuilt while the benchmark runs.
+    BIN_ID="built $(date -r "$BIN" '+%Y-%m-%d %H:%M'), sha256 $(sha256sum "$BIN" | cut -c1-12)"
+}
+
+# --- servers -----------------------------------------------------------------
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Refuse to start on a busy port: we would then measure someone else's server.
+require_free_port() {
+    port_open "$1" && die "port $1 is already in use (override with ${2}_PORT=...)"
+    return 0
+}
+
+# Waits until $name accepts connections; on failure prints its log and exits.
+wait_ready() {
+    local name=$1
+    for _ in $(seq 100); do
+        kill -0 "${PID[$name]}" 2>/dev/null || break
+        port_open "${PORT[$name]}" && { log "$name up on :${PORT[$name]} (pid ${PID[$name]})"; return; }
+        sleep 0.1
+    done
+    log "$name failed to start; last lines of ${LOG[$name]}:"
+    tail -n 30 "${LOG[$name]}" >&2 || true
+    exit 1
+}
+
+# Runs nginx in the foreground (daemon off) with only our config: no packaged
+# config, pid file, temp dirs and error log all inside the work dir.
+run_nginx() {
+    local name=$1 conf=$2
+    LOG[$name]=$WORK/$name.log
+    mkdir -p "$WORK/$name-tmp"
+    chmod 1777 "$WORK/$name-tmp"
+    # shellcheck disable=SC2094  # -e and the redirect both only append
+    nginx -p "$WORK" -c "$conf" -e "${LOG[$name]}" >>"${LOG[$name]}" 2>&1 &
+    PID[$name]=$!
+    wait_ready "$name"
+}
+
+# The common head of both nginx configs; $1 = name, $2 = worker_processes.
+nginx_head() {
+    cat <<EOF
+daemon off;
+master_process on;
+worker_processes $2;
+worker_rlimit_nofile $(ulimit -n);
+pid $WORK/$1.pid;
+error_log $WORK/$1.log warn;
+events { worker_connections 20000; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path $WORK/$1-tmp/body;
+    proxy_temp_path $WORK/$1-tmp/proxy;
+    fastcgi_temp_path $WORK/$1-tmp/fastcgi;
+    uwsgi_temp_path $WORK/$1-tmp/uwsgi;
+    scgi_temp_path $WORK/$1-tmp/scgi;
+EOF
+}
+
+start_backend() {
+    require_free_port "$BACKEND_PORT" BACKEND
+    head -c 65536 /dev/urandom >"$WORK/64k"
+    touch "$WORK/upload"
+    { nginx_head backend 1; cat <<EOF
+    server {
+        listen 127.0.0.1:$BACKEND_PORT;
+        root $WORK;
+        location = / { return 200 "hello world\n"; }
+        location = /64k { }
+        # Like a real upload handler, read the whole body before answering.
+        # (A plain "return 200" answers before the body has arrived; nginx as
+        # a streaming proxy then closes the client connection after each
+        # upload.) mirror_request_body makes nginx read the body (into memory:
+        # client_body_buffer_size) before the content phase; the static
+        # handler then refuses POST on the empty file $WORK/upload with 405,
+        # which error_page turns into a 200 from @ok.
+        location = /upload {
+            client_max_body_size 2m;
+            client_body_buffer_size 2m;
+            mirror /discard;
+            mirror_request_body on;
+            error_page 405 =200 @ok;
+        }
+        location = /discard { internal; return 204; }
+        location @ok { return 200 "ok\n"; }
+    }
+}
+EOF
+    } >"$WORK/backend.conf"
+    run_nginx backend "$WORK/backend.conf"
+}
+
+start_proxycache() {
+    require_free_port "$PROXYCACHE_PORT" PROXYCACHE
+    LOG[proxycache]=$WORK/proxycache.log
+    cat >"$WORK/proxycache.toml" <<EOF
+[server]
+listen_addr = "127.0.0.1:$PROXYCACHE_PORT"
+backend_addr = "127.0.0.1:$BACKEND_PORT"
+[log]
+level = "warn"
+access_log = "off"
+EOF
+    "$BIN" --config "$WORK/proxycache.toml" >"${LOG[proxycache]}" 2>&1 &
+    PID[proxycache]=$!
+    wait_ready proxycache
+}
+
+# nginx as a competent operator would run it as a reverse proxy: one worker
+# per core, pooled keep-alive upstream connections, uploads streamed rather
+# than spooled to disk first (as Proxycache and HAProxy do).
+start_nginx_proxy() {
+    require_free_port "$NGINX_PORT" NGINX
+    { nginx_head nginx 2; cat <<EOF
+    upstream backend {
+        server 127.0.0.1:$BACKEND_PORT;
+        keepalive 256;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$NGINX_PORT;
+        client_max_body_size 2m;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_request_buffering off;
+        }
+    }
+}
+EOF
+    } >"$WORK/nginx.conf"
+    run_nginx nginx "$WORK/nginx.conf"
+}
+
+start_haproxy() {
+    require_free_port "$HAPROXY_PORT" HAPROXY
+    LOG[haproxy]=$WORK/haproxy.log
+    # Each proxied connection takes two fds; keep maxconn within the fd limit
+    # (the hard limit may be below 2 x 20000) so HAProxy does not complain.
+    local maxconn=$(( ($(ulimit -n) - 200) / 2 ))
+    (( maxconn > 20000 )) && maxconn=20000
+    cat >"$WORK/haproxy.cfg" <<EOF
+global
+    nbthread 2
+    maxconn $maxconn
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend fe
+    bind 127.0.0.1:$HAPROXY_PORT
+    default_backend be
+backend be
+    server s1 127.0.0.1:$BACKEND_PORT
+EOF
+    haproxy -f "$WORK/haproxy.cfg" -db >"${LOG[haproxy]}" 2>&1 &
+    PID[haproxy]=$!
+    wait_ready haproxy
+}
+
+# --- measuring ---------------------------------------------------------------
+
+# Prints a wrk duration ("123.45us", "1.2ms", "2.00s", "1.5m") in microseconds.
+to_us() {
+    awk -v t="$1" 'BEGIN {
+        n = t + 0; u = t; sub(/^[0-9.]+/, "", u)
+        f = (u == "us") ? 1 : (u == "ms") ? 1e3 : (u == "s") ? 1e6 : (u == "m") ? 6e7 : (u == "h") ? 3.6e9 : -1
+        if (f < 0) { print "?"; exit }
+        printf "%.0f", n * f }'
+}
+
+# Stores req/s, p50, p99 (µs) and error counts of wrk output file $3 as RES[$1|$2|*].
+parse_wrk() {
+    local scen=$1 name=$2 file=$3 sock non2xx
+    RES[$scen|$name|rps]=$(awk '/^Requests\/sec:/ { printf "%.0f", $2 }' "$file")
+    RES[$scen|$name|p50]=$(to_us "$(awk '$1 == "50%" { print $2 }' "$file")")
+    RES[$scen|$name|p99]=$(to_us "$(awk '$1 == "99%" { print $2 }' "$file")")
+    # "Socket errors: connect 0, read 3, write 0, timeout 12"; absent means 0.
+    sock=$(awk '/Socket errors:/ { gsub(",", ""); print $4 + $6 + $8 + $10 }' "$file")
+    non2xx=$(awk '/Non-2xx or 3xx responses:/ { print $NF }' "$file")
+    RES[$scen|$name|err]=$(( ${sock:-0} + ${non2xx:-0} ))
+    RES[$scen|$name|errdetail]=$(awk '/Socket errors:|Non-2xx/ { sub(/^ +/, ""); printf "%s; ", $0 }' "$file")
+    [[ -n ${RES[$scen|$name|rps]} ]] || die "could not parse wrk output for $scen / $name: $(cat "$file")"
+}
+
+# run_wrk SCENARIO SERVER PATH CONNS THREADS [LUA]: warm-up, then measured run.
+run_wrk() {
+    local scen=$1 name=$2 path=$3 conns=$4 threads=$5 lua=${6:-}
+    local url="http://127.0.0.1:${PORT[$name]}$path" out="$WORK/wrk-${scen// /_}-$name.txt"
+    local args=(-t "$threads" -c "$conns" --latency)
+    [[ -n $lua ]] && args+=(-s "$lua")
+    wrk "${args[@]}" -d "$WARMUP" "$url" >/dev/null
+    wrk "${args[@]}" -d "$DURATION" "$url" >"$out"
+    kill -0 "${PID[$name]}" 2>/dev/null || { tail -n 30 "${LOG[$name]}" >&2; die "$name died during $scen"; }
+    parse_wrk "$scen" "$name" "$out"
+    log "$(printf '%-14s %-10s %8s req/s  p50 %6s us  p99 %7s us  errors %s' "$scen" "$name" \
+        "${RES[$scen|$name|rps]}" "${RES[$scen|$name|p50]}" "${RES[$scen|$name|p99]}" "${RES[$scen|$name|err]}")"
+}
+
+# Resident memory in KiB of a process plus its direct children (nginx workers).
+rss_of() {
+    local total=0 p kb
+    for p in "$1" $(pgrep -P "$1" || true); do
+        kb=$(awk '/^VmRSS:/ { print $2 }' "/proc/$p/status" 2>/dev/null || echo 0)
+        total=$(( total + ${kb:-0} ))
+    done
+    echo "$total"
+}
+
+# Opens $IDLE_CONNS keep-alive connections to $1, sends one GET on each and
+# reads its response, then holds them open until told to close them.
+write_holder() {
+    cat >"$WORK/hold.py" <<'EOF'
+import socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+socks, ok = [], 0
+for _ in range(n):
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(req)
+    socks.append(s)
+for s in socks:
+    buf = b""
+    try:
+        while b"\r\n\r\n" not in buf or not buf.endswith(b"hello world\n"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
+    except OSError:
+        pass
+    ok += buf.startswith(b"HTTP/1.1 200")
+print(ok, flush=True)          # the shell now reads the server's RSS
+sys.stdin.readline()           # ... and then tells us to close
+for s in socks:
+    s.close()
+EOF
+}
+
+# Sets RES[mem|$name|idle_conns] (KiB) and RES[mem|$name|ok] (200 responses).
+measure_idle_conns() {
+    local name=$1 ok
+    coproc HOLD { python3 "$WORK/hold.py" "${PORT[$name]}" "$IDLE_CONNS"; }
+    read -r -t 120 ok <&"${HOLD[0]}" || die "holding $IDLE_CONNS connections to $name failed"
+    sleep 1   # let the server settle after the burst
+    RES[mem|$name|idle_conns]=$(rss_of "${PID[$name]}")
+    RES[mem|$name|ok]=$ok
+    echo >&"${HOLD[1]}"
+    wait "$HOLD_PID" || true
+    log "$name with $IDLE_CONNS idle connections: RSS ${RES[mem|$name|idle_conns]} KiB ($ok/$IDLE_CONNS got 200)"
+}
+
+# Server logs are deleted with the work dir: show what they said (warnings,
+# errors, HAProxy's startup notices) so nothing odd goes unnoticed.
+show_logs() {
+    local name
+    for name in "${SERVERS[@]}"; do
+        [[ -s ${LOG[$name]} ]] || continue
+        log "$name log: $(wc -l <"${LOG[$name]}") lines; most frequent (timestamps and ids stripped):"
+        sed -E 's/^[0-9T:./ -]+(\[[a-z]+\])? *//; s/[0-9]+#[0-9]+: \*[0-9]+ //; s/client: [0-9.:]+/client: …/' \
+            "${LOG[$name]}" | sort | uniq -c | sort -rn | head -n 5 >&2
+    done
+}
+
+# --- report ------------------------------------------------------------------
+
+mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+min() { (( $1 < $2 )) && echo "$1" || echo "$2"; }
+
+report() {
+    local scen name best pc
+    echo "## Proxycache load benchmark"
+    echo
+    echo "wrk ${DURATION} per run after a ${WARMUP} warm-up, one server at a time; latencies in µs."
+    echo
+    echo "| scenario | server | req/s | p50 (µs) | p99 (µs) | errors |"
+    echo "| --- | --- | ---: | ---: | ---: | ---: |"
+    for scen in "${SCENARIOS[@]}"; do
+        for name in "${SERVERS[@]}"; do
+            printf '| %s | %s | %s | %s | %s | %s |\n' "$scen" "$name" "${RES[$scen|$name|rps]}" \
+                "${RES[$scen|$name|p50]}" "${RES[$scen|$name|p99]}" \
+                "${RES[$scen|$name|err]}${RES[$scen|$name|errdetail]:+ (${RES[$scen|$name|errdetail]%; })}"
+        done
+    done
+    echo
+    echo "Proxycache against the other proxies (req/s ratio > 1 means Proxycache is faster;"
+    echo "added p50 = proxy p50 minus backend-direct p50):"
+    echo
+    echo "| scenario | req/s pc/nginx | req/s pc/haproxy | p99 pc (µs) | p99 best other (µs) | p99 pc ≤ best | added p50 pc / nginx / haproxy (µs) |"
+    echo "| --- | ---: | ---: | ---: | ---: | :---: | ---: |"
+    for scen in "${SCENARIOS[@]}"; do
+        pc=${RES[$scen|proxycache|p99]}
+        best=$(min "${RES[$scen|nginx|p99]}" "${RES[$scen|haproxy|p99]}")
+        printf '| %s | %s | %s | %s | %s | %s | %s / %s / %s |\n' "$scen" \
+            "$(ratio "${RES[$scen|proxycache|rps]}" "${RES[$scen|nginx|rps]}")" \
+            "$(ratio "${RES[$scen|proxycache|rps]}" "${RES[$scen|haproxy|rps]}")" \
+            "$pc" "$best" "$( (( pc <= best )) && echo yes || echo NO)" \
+            "$(( ${RES[$scen|proxycache|p50]} - ${RES[$scen|backend|p50]} ))" \
+            "$(( ${RES[$scen|nginx|p50]} - ${RES[$scen|backend|p50]} ))" \
+            "$(( ${RES[$scen|haproxy|p50]} - ${RES[$scen|backend|p50]} ))"
+    done
+    echo
+    echo "Memory (RSS; nginx = master + workers):"
+    echo
+    echo "| server | idle after start (MiB) | with $IDLE_CONNS idle keep-alive conns (MiB) | conns answered 200 |"
+    echo "| --- | ---: | ---: | ---: |"
+    for name in proxycache nginx haproxy; do
+        printf '| %s | %s | %s | %s/%s |\n' "$name" "$(mib "${RES[mem|$name|idle]}")" \
+            "$(mib "${RES[mem|$name|idle_conns]}")" "${RES[mem|$name|ok]}" "$IDLE_CONNS"
+    done
+    echo
+    echo "Run $(date '+%Y-%m-%d %H:%M %Z') on $(nproc) cores ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo));"
+    echo "$(nginx -v 2>&1 | sed 's/^nginx version: //'), $(haproxy -v | awk 'NR == 1 { print $1, $3 }')," \
+        "$( (wrk -v 2>&1 || true) | awk 'NR == 1 { print $1, $2 }');" \
+        "proxycache $BIN ($BIN_ID)."
+}
+
+# --- main ---------------------------------------------------------------------
+
+# Proxies need two fds per connection; the soft limit (often 1024) is too low.
+ulimit -n "$(ulimit -Hn)"
+install_tools
+find_proxycache
+write_holder
+printf 'wrk.method = "POST"\nwrk.body = string.rep("x", 1048576)\nwrk.headers["Content-Type"] = "application/octet-stream"\n' >"$WORK/post.lua"
+log "work dir $WORK, fd limit $(ulimit -n), wrk $DURATION per run"
+
+start_backend
+start_proxycache
+start_nginx_proxy
+start_haproxy
+for name in proxycache nginx haproxy; do
+    RES[mem|$name|idle]=$(rss_of "${PID[$name]}")
+done
+
+# name -> "path connections threads [lua script]"
+SCENARIOS=("small c64" "64k c64" "small c1000" "latency c1" "post 1MiB c16")
+declare -A SPEC=(
+    ["small c64"]="/ 64 2"
+    ["64k c64"]="/64k 64 2"
+    ["small c1000"]="/ 1000 2"
+    ["latency c1"]="/ 1 1"
+    ["post 1MiB c16"]="/upload 16 2 $WORK/post.lua"
+)
+for scen in "${SCENARIOS[@]}"; do
+    for name in "${SERVERS[@]}"; do
+        # shellcheck disable=SC2086  # SPEC splits into run_wrk's arguments
+        run_wrk "$scen" "$name" ${SPEC[$scen]}
+    done
+done
+
+# Memory with many idle clients is measured after the load, so it includes
+# whatever the load left allocated.
+for name in proxycache nginx haproxy; do
+    measure_idle_conns "$name"
+done
+
+show_logs
+if [[ -n $OUT ]]; then report | tee "$OUT"; else report; fi
