@@ -25,7 +25,7 @@ pub struct ReadBuf {
 }
 
 /// One read asks the kernel for this much.
-const READ_SIZE: usize = 32 * 1024;
+const READ_SIZE: usize = 64 * 1024;
 
 impl ReadBuf {
     pub fn filled(&self) -> &[u8] {
