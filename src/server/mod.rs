@@ -36,6 +36,9 @@ const LISTENER: u64 = 0;
 /// Workers block on upstream I/O, so their stacks stay small and many.
 const WORKER_STACK: usize = 256 * 1024;
 const HOUSEKEEPING_TICK: Duration = Duration::from_millis(100);
+/// Events one worker takes per `epoll_wait`: fewer syscalls under load, while
+/// small enough that a batch never keeps ready work from idle workers for long.
+const EVENTS_PER_WAIT: usize = 8;
 
 /// What every worker shares.
 pub struct Shared {
@@ -172,42 +175,43 @@ impl Server {
 }
 
 fn worker(shared: &Arc<Shared>) {
+    let mut events = [libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_WAIT];
     loop {
-        let token = match shared.reactor.wait() {
-            Ok(token) => token,
+        match shared.reactor.wait(&mut events) {
+            Ok(tokens) => tokens.for_each(|token| on_event(shared, token)),
             Err(e) => {
                 log::error!("epoll_wait failed: {e}");
                 thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-        };
-        if token == LISTENER {
-            accept_pending(shared);
-            continue;
-        }
-        let Some(waiting) = shared.parked.take(token) else {
-            continue; // expired or drained between the event and now
-        };
-        shared.busy.fetch_add(1, Relaxed);
-        let next = catch_unwind(AssertUnwindSafe(|| match waiting {
-            Waiting::Client(conn) => connection::serve(conn, shared),
-            Waiting::Upstream(conn, suspended) => connection::resume(conn, suspended, shared),
-        }));
-        match next {
-            Ok(Next::Park(conn, deadline)) if !shared.shutting_down.load(Relaxed) => {
-                shared.parked.park(conn, deadline, &shared.reactor)
-            }
-            // In flight: finishes even during shutdown.
-            Ok(Next::Suspend(conn, suspended)) => {
-                shared.parked.suspend(conn, suspended, &shared.reactor)
-            }
-            Ok(_) => {}
-            Err(_) => {
-                log::error!("a connection handler panicked; connection closed, worker continues")
             }
         }
-        shared.busy.fetch_sub(1, Relaxed);
     }
+}
+
+fn on_event(shared: &Shared, token: u64) {
+    if token == LISTENER {
+        accept_pending(shared);
+        return;
+    }
+    let Some(waiting) = shared.parked.take(token) else {
+        return; // expired or drained between the event and now
+    };
+    shared.busy.fetch_add(1, Relaxed);
+    let next = catch_unwind(AssertUnwindSafe(|| match waiting {
+        Waiting::Client(conn) => connection::serve(conn, shared),
+        Waiting::Upstream(conn, suspended) => connection::resume(conn, suspended, shared),
+    }));
+    match next {
+        Ok(Next::Park(conn, deadline)) if !shared.shutting_down.load(Relaxed) => {
+            shared.parked.park(conn, deadline, &shared.reactor)
+        }
+        // In flight: finishes even during shutdown.
+        Ok(Next::Suspend(conn, suspended)) => {
+            shared.parked.suspend(conn, suspended, &shared.reactor)
+        }
+        Ok(_) => {}
+        Err(_) => log::error!("a connection handler panicked; connection closed, worker continues"),
+    }
+    shared.busy.fetch_sub(1, Relaxed);
 }
 
 fn accept_pending(shared: &Shared) {

@@ -73,21 +73,29 @@ impl Reactor {
         Ok(())
     }
 
-    /// Blocks until one registered socket is readable and returns its token.
-    pub fn wait(&self) -> io::Result<u64> {
-        let mut event = libc::epoll_event { events: 0, u64: 0 };
+    /// Blocks until registered sockets are readable and returns their tokens
+    /// (at most `events.len()`). Taking several at once saves an `epoll_wait`
+    /// per event under load; one-shot registration keeps them this worker's.
+    pub fn wait<'e>(
+        &self,
+        events: &'e mut [libc::epoll_event],
+    ) -> io::Result<impl Iterator<Item = u64> + 'e> {
         loop {
-            // SAFETY: room for exactly one event is passed.
-            let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), &mut event, 1, -1) };
-            match n {
-                1 => return Ok(event.u64),
-                0 => continue,
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
+            // SAFETY: `events` has room for `events.len()` entries.
+            let n = unsafe {
+                libc::epoll_wait(
+                    self.epoll.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    events.len() as i32,
+                    -1,
+                )
+            };
+            if n > 0 {
+                return Ok(events[..n as usize].iter().map(|e| e.u64));
+            }
+            let e = io::Error::last_os_error();
+            if n < 0 && e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
             }
         }
     }
