@@ -137,7 +137,11 @@ fn drive(mut conn: Conn, shared: &Shared) -> Next {
             // Pipelined: the next head is already (partly) here.
             Ok(true) if !conn.buf.is_empty() && !shared.shutting_down.load(Relaxed) => {}
             Ok(keep_alive) => return carry_on(conn, keep_alive, shared),
-            Err(suspended) => return Next::Suspend(conn, suspended),
+            Err(suspended) => {
+                // Waiting may take long and thousands may wait at once: no buffer meanwhile.
+                conn.buf.release();
+                return Next::Suspend(conn, suspended);
+            }
         }
     }
 }
