@@ -31,6 +31,8 @@ pub struct ServerConfig {
     pub backend_addr: SocketAddr,
     /// 0: two per CPU core.
     pub workers: usize,
+    /// The pool grows up to this while slow bodies or readers hold workers.
+    pub max_workers: NonZeroUsize,
     pub max_connections: NonZeroUsize,
     /// Whole request head, from its first byte; a slow drip gets 408.
     pub header_timeout: Dur,
@@ -55,6 +57,7 @@ impl Default for ServerConfig {
             listen_addr: ([127, 0, 0, 1], 3000).into(),
             backend_addr: ([127, 0, 0, 1], 8080).into(),
             workers: 0,
+            max_workers: nz(256),
             max_connections: nz(10_000),
             header_timeout: Dur::secs(10),
             body_timeout: Dur::secs(30),

@@ -140,23 +140,31 @@ fn a_1_gib_upload_streams_in_bounded_memory() {
 }
 
 #[test]
-fn slow_clients_do_not_block_others_while_a_body_streams() {
-    // One client stalls mid-upload (holding its worker); with 2 workers the
-    // other worker still serves everyone else.
+fn stalled_uploads_beyond_the_worker_count_do_not_block_others() {
+    // Each stalled upload holds a worker (until body_timeout); with 2 workers
+    // and 6 of them, the pool must grow so everyone else is still served.
     let backend = Backend::ok("fine");
     let proxy = Proxy::with(
         backend.addr,
         Conf {
-            server: "workers = 2\nbody_timeout = \"5s\"",
+            server: "workers = 2\nbody_timeout = \"10s\"",
             ..Conf::default()
         },
     );
-    let mut stalled = TcpStream::connect(proxy.addr).unwrap();
-    stalled
-        .write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nab")
-        .unwrap();
+    let stalled: Vec<TcpStream> = (0..6)
+        .map(|_| {
+            let mut s = TcpStream::connect(proxy.addr).unwrap();
+            s.write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nab")
+                .unwrap();
+            s
+        })
+        .collect();
     thread::sleep(Duration::from_millis(100));
+    let started = Instant::now();
     for _ in 0..20 {
         assert_eq!(get(proxy.addr, "/").text(), "fine");
     }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "20 requests took {took:?}");
+    drop(stalled);
 }

@@ -1,4 +1,4 @@
-//! The threaded server: a fixed pool of workers sharing one epoll set.
+//! The threaded server: a pool of workers sharing one epoll set.
 //!
 //! Each worker loops on [`Reactor::wait`]. The listener's event makes a worker
 //! accept every pending connection and park it; a client's event makes a
@@ -36,9 +36,10 @@ const LISTENER: u64 = 0;
 /// Workers block on upstream I/O, so their stacks stay small and many.
 const WORKER_STACK: usize = 256 * 1024;
 const HOUSEKEEPING_TICK: Duration = Duration::from_millis(100);
-/// Events one worker takes per `epoll_wait`: fewer syscalls under load, while
-/// small enough that a batch never keeps ready work from idle workers for long.
-const EVENTS_PER_WAIT: usize = 8;
+/// Events one worker takes per `epoll_wait`. One: a worker may block on a
+/// request body or a slow reader, and events it had taken with that one could
+/// not go to any other worker meanwhile (one-shot), so they would wait too.
+const EVENTS_PER_WAIT: usize = 1;
 
 /// What every worker shares.
 pub struct Shared {
@@ -54,6 +55,7 @@ pub struct Shared {
     open: Arc<AtomicUsize>,
     /// Connections a worker is serving right now.
     busy: AtomicUsize,
+    workers: Workers,
     reactor: Reactor,
     parked: Parked,
     listener: TcpListener,
@@ -109,21 +111,21 @@ impl Server {
             shutting_down: AtomicBool::new(false),
             open: Arc::new(AtomicUsize::new(0)),
             busy: AtomicUsize::new(0),
+            workers: Workers {
+                min: match s.workers {
+                    0 => 2 * thread::available_parallelism().map_or(1, |n| n.get()),
+                    n => n,
+                },
+                max: s.max_workers.get(),
+                running: AtomicUsize::new(0),
+            },
             reactor,
             parked: Parked::new(),
             listener,
             pool,
         });
-        let workers = match s.workers {
-            0 => 2 * thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        };
-        for i in 0..workers {
-            let shared = shared.clone();
-            thread::Builder::new()
-                .name(format!("worker-{i}"))
-                .stack_size(WORKER_STACK)
-                .spawn(move || worker(&shared))?;
+        for _ in 0..shared.workers.min {
+            spawn_worker(&shared, false)?;
         }
         let housekeeper = shared.clone();
         thread::Builder::new()
@@ -139,7 +141,7 @@ impl Server {
         log::info!(
             "listening on {local_addr}, forwarding to {} with {} workers; pipeline: {}",
             s.backend_addr,
-            workers,
+            shared.workers.min,
             stages.join(" → ")
         );
         Ok(Server { shared, local_addr })
@@ -174,11 +176,49 @@ impl Server {
     }
 }
 
-fn worker(shared: &Arc<Shared>) {
+/// The worker pool's size. `min` workers always run. Reading a request body
+/// or writing to a slow client still blocks a worker, so when every worker has
+/// been busy for a housekeeping tick another is started (up to `max`); an
+/// extra worker that finds nothing to do for `EXTRA_WORKER_IDLE` ends.
+struct Workers {
+    min: usize,
+    max: usize,
+    running: AtomicUsize,
+}
+
+const EXTRA_WORKER_IDLE: i32 = 2000;
+
+fn spawn_worker(shared: &Arc<Shared>, extra: bool) -> io::Result<()> {
+    let n = shared.workers.running.fetch_add(1, Relaxed);
+    let worker_shared = shared.clone();
+    let spawned = thread::Builder::new()
+        .name(format!("worker-{n}"))
+        .stack_size(WORKER_STACK)
+        .spawn(move || worker(&worker_shared, extra));
+    if spawned.is_err() {
+        shared.workers.running.fetch_sub(1, Relaxed);
+    }
+    spawned.map(drop)
+}
+
+fn worker(shared: &Arc<Shared>, extra: bool) {
     let mut events = [libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_WAIT];
+    let timeout = if extra { EXTRA_WORKER_IDLE } else { -1 };
     loop {
-        match shared.reactor.wait(&mut events) {
-            Ok(tokens) => tokens.for_each(|token| on_event(shared, token)),
+        match shared.reactor.wait(&mut events, timeout) {
+            Ok(tokens) if tokens.len() > 0 => tokens.for_each(|token| on_event(shared, token)),
+            Ok(_) => {
+                // Idle extra worker: end, unless that would go below the minimum.
+                let running = &shared.workers.running;
+                if running
+                    .fetch_update(Relaxed, Relaxed, |n| {
+                        (n > shared.workers.min).then(|| n - 1)
+                    })
+                    .is_ok()
+                {
+                    return;
+                }
+            }
             Err(e) => {
                 log::error!("epoll_wait failed: {e}");
                 thread::sleep(Duration::from_millis(100));
@@ -279,9 +319,16 @@ impl Drop for OpenSlot {
     }
 }
 
-fn housekeeping(shared: &Shared) {
+fn housekeeping(shared: &Arc<Shared>) {
     loop {
         thread::sleep(HOUSEKEEPING_TICK);
+        let running = shared.workers.running.load(Relaxed);
+        if shared.busy.load(Relaxed) >= running && running < shared.workers.max {
+            log::debug!("all {running} workers busy; starting another");
+            if let Err(e) = spawn_worker(shared, true) {
+                log::error!("cannot start a worker: {e}");
+            }
+        }
         for waiting in shared.parked.expired(Instant::now()) {
             match waiting {
                 Waiting::Client(conn) => conn.expire(),

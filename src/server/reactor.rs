@@ -74,12 +74,12 @@ impl Reactor {
     }
 
     /// Blocks until registered sockets are readable and returns their tokens
-    /// (at most `events.len()`). Taking several at once saves an `epoll_wait`
-    /// per event under load; one-shot registration keeps them this worker's.
+    /// (at most `events.len()`), or none once `timeout_ms` passes (-1: never).
     pub fn wait<'e>(
         &self,
         events: &'e mut [libc::epoll_event],
-    ) -> io::Result<impl Iterator<Item = u64> + 'e> {
+        timeout_ms: i32,
+    ) -> io::Result<impl ExactSizeIterator<Item = u64> + 'e> {
         loop {
             // SAFETY: `events` has room for `events.len()` entries.
             let n = unsafe {
@@ -87,14 +87,14 @@ impl Reactor {
                     self.epoll.as_raw_fd(),
                     events.as_mut_ptr(),
                     events.len() as i32,
-                    -1,
+                    timeout_ms,
                 )
             };
-            if n > 0 {
+            if n >= 0 {
                 return Ok(events[..n as usize].iter().map(|e| e.u64));
             }
             let e = io::Error::last_os_error();
-            if n < 0 && e.kind() != io::ErrorKind::Interrupted {
+            if e.kind() != io::ErrorKind::Interrupted {
                 return Err(e);
             }
         }
