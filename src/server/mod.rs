@@ -15,7 +15,7 @@ use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -118,6 +118,7 @@ impl Server {
                 },
                 max: s.max_workers.get(),
                 running: AtomicUsize::new(0),
+                handled: AtomicU64::new(0),
             },
             reactor,
             parked: Parked::new(),
@@ -177,13 +178,16 @@ impl Server {
 }
 
 /// The worker pool's size. `min` workers always run. Reading a request body
-/// or writing to a slow client still blocks a worker, so when every worker has
-/// been busy for a housekeeping tick another is started (up to `max`); an
-/// extra worker that finds nothing to do for `EXTRA_WORKER_IDLE` ends.
+/// or writing to a slow client still blocks a worker, so when every worker is
+/// busy and none finished anything for a housekeeping tick (stuck, not just
+/// loaded) another is started, up to `max`; an extra worker that finds
+/// nothing to do for `EXTRA_WORKER_IDLE` ends.
 struct Workers {
     min: usize,
     max: usize,
     running: AtomicUsize,
+    /// Events handled so far: the progress housekeeping looks for.
+    handled: AtomicU64,
 }
 
 const EXTRA_WORKER_IDLE: i32 = 2000;
@@ -252,6 +256,7 @@ fn on_event(shared: &Shared, token: u64) {
         Err(_) => log::error!("a connection handler panicked; connection closed, worker continues"),
     }
     shared.busy.fetch_sub(1, Relaxed);
+    shared.workers.handled.fetch_add(1, Relaxed);
 }
 
 fn accept_pending(shared: &Shared) {
@@ -320,10 +325,13 @@ impl Drop for OpenSlot {
 }
 
 fn housekeeping(shared: &Arc<Shared>) {
+    let mut handled_before = 0;
     loop {
         thread::sleep(HOUSEKEEPING_TICK);
         let running = shared.workers.running.load(Relaxed);
-        if shared.busy.load(Relaxed) >= running && running < shared.workers.max {
+        let handled = shared.workers.handled.load(Relaxed);
+        let stuck = handled == std::mem::replace(&mut handled_before, handled);
+        if stuck && shared.busy.load(Relaxed) >= running && running < shared.workers.max {
             log::debug!("all {running} workers busy; starting another");
             if let Err(e) = spawn_worker(shared, true) {
                 log::error!("cannot start a worker: {e}");
