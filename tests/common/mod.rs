@@ -44,6 +44,8 @@ pub struct Proxy {
     pub child: Child,
     pub addr: SocketAddr,
     logs: Arc<Mutex<Vec<String>>>,
+    /// The threads copying stdout and stderr into `logs`; they end at EOF.
+    collectors: Vec<thread::JoinHandle<()>>,
     pub dir: TempDir,
 }
 
@@ -84,12 +86,15 @@ impl Proxy {
             .spawn()
             .expect("start proxycache");
         let logs = Arc::new(Mutex::new(Vec::new()));
-        collect_lines(child.stdout.take().unwrap(), logs.clone());
-        collect_lines(child.stderr.take().unwrap(), logs.clone());
+        let collectors = vec![
+            collect_lines(child.stdout.take().unwrap(), logs.clone()),
+            collect_lines(child.stderr.take().unwrap(), logs.clone()),
+        ];
         let mut proxy = Proxy {
             child,
             addr: "0.0.0.0:0".parse().unwrap(),
             logs,
+            collectors,
             dir,
         };
         let line = proxy.wait_for_log("listening on ");
@@ -116,6 +121,11 @@ impl Proxy {
                 return line;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
+                // Exited: once its output is fully read, look one last time.
+                self.collectors.drain(..).for_each(|c| c.join().unwrap());
+                if let Some(line) = self.logs().into_iter().find(|l| l.contains(needle)) {
+                    return line;
+                }
                 panic!(
                     "proxy exited ({status}) before logging {needle:?}; logs: {:#?}",
                     self.logs()
@@ -155,7 +165,10 @@ impl Drop for Proxy {
     }
 }
 
-fn collect_lines(pipe: impl Read + Send + 'static, into: Arc<Mutex<Vec<String>>>) {
+fn collect_lines(
+    pipe: impl Read + Send + 'static,
+    into: Arc<Mutex<Vec<String>>>,
+) -> thread::JoinHandle<()> {
     thread::spawn(move || {
         for line in BufReader::new(pipe).lines() {
             match line {
@@ -163,7 +176,7 @@ fn collect_lines(pipe: impl Read + Send + 'static, into: Arc<Mutex<Vec<String>>>
                 Err(_) => return,
             }
         }
-    });
+    })
 }
 
 pub fn rss_kb(pid: u32) -> u64 {
