@@ -5,6 +5,7 @@
 //! all as [`Stage`]s). The first stage that answers ends the request phase;
 //! `proxy_core`, last by default, answers by forwarding upstream.
 
+use std::any::Any;
 use std::fmt;
 use std::marker::PhantomData;
 use std::net::SocketAddr;
@@ -40,6 +41,11 @@ pub trait Module: Send + Sync {
     /// Each piece of response body as it streams to the client, in stream
     /// order, for the stages that saw `on_response` (a cache tees here).
     fn on_body_chunk(&self, _chunk: &[u8], _ctx: &mut Context) {}
+
+    /// The whole body has been shown to `on_body_chunk` (never called for a
+    /// body cut short). Runs before its last bytes go to the client, so what
+    /// a module records here is in place for the client's next request.
+    fn on_body_end(&self, _ctx: &mut Context) {}
 }
 
 pub enum Flow {
@@ -80,6 +86,8 @@ pub struct Context {
     /// otherwise `server.backend_addr`. Read by the access log.
     pub upstream: Option<SocketAddr>,
     pub started: Instant,
+    /// Per-request state of modules, one value per type (see [`Context::put`]).
+    state: Vec<Box<dyn Any + Send>>,
 }
 
 impl Context {
@@ -89,7 +97,24 @@ impl Context {
             client_addr,
             upstream: None,
             started: Instant::now(),
+            state: Vec::new(),
         }
+    }
+
+    /// Keeps `value` for the later phases of this request, replacing any
+    /// earlier value of its type. A module uses a type of its own.
+    pub fn put<T: Any + Send>(&mut self, value: T) {
+        self.take::<T>();
+        self.state.push(Box::new(value));
+    }
+
+    pub fn get_mut<T: Any + Send>(&mut self) -> Option<&mut T> {
+        self.state.iter_mut().find_map(|v| v.downcast_mut())
+    }
+
+    pub fn take<T: Any + Send>(&mut self) -> Option<T> {
+        let i = self.state.iter().position(|v| v.is::<T>())?;
+        self.state.swap_remove(i).downcast().ok().map(|v| *v)
     }
 }
 
@@ -214,6 +239,14 @@ impl Pipeline {
     ) -> Result<(), ModuleFailed> {
         for stage in &self.stages[..ran] {
             guarded(stage, ctx, |ctx| stage.module.on_body_chunk(chunk, ctx))?;
+        }
+        Ok(())
+    }
+
+    /// Tells the first `ran` stages that the body is complete.
+    pub fn on_body_end(&self, ran: usize, ctx: &mut Context) -> Result<(), ModuleFailed> {
+        for stage in &self.stages[..ran] {
+            guarded(stage, ctx, |ctx| stage.module.on_body_end(ctx))?;
         }
         Ok(())
     }

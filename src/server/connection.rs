@@ -18,7 +18,7 @@ use super::{OpenSlot, Shared};
 use crate::http::chunked::{encode_chunk_header, encode_last_chunk, CHUNK_END};
 use crate::http::{request, BodyKind, Framing, HttpError, ReadBuf, Request, Version};
 use crate::logging::AccessRecord;
-use crate::pipeline::{Body, Context, Handled, PendingResponse, Response};
+use crate::pipeline::{Body, Context, Handled, ModuleFailed, PendingResponse, Response};
 
 pub struct Conn {
     pub stream: TcpStream,
@@ -343,22 +343,27 @@ fn write_response(
     let mut out = Vec::with_capacity(1024);
     head.write_to(&mut out);
     let mut bytes = 0u64;
+    let pipeline = &shared.pipeline;
     match resp.body {
-        _ if bodyless => stream.write_all(&out)?,
-        Body::Empty => stream.write_all(&out)?,
+        _ if bodyless => {
+            pipeline.on_body_end(ran, ctx).map_err(failed)?;
+            stream.write_all(&out)?
+        }
+        Body::Empty => {
+            pipeline.on_body_end(ran, ctx).map_err(failed)?;
+            stream.write_all(&out)?
+        }
         Body::Bytes(body) => {
             bytes = body.len() as u64;
-            shared
-                .pipeline
-                .on_body_chunk(ran, &body, ctx)
-                .map_err(|f| io::Error::other(format!("module `{}` failed", f.module)))?;
+            pipeline.on_body_chunk(ran, &body, ctx).map_err(failed)?;
+            pipeline.on_body_end(ran, ctx).map_err(failed)?;
             out.extend_from_slice(&body);
             stream.write_all(&out)?;
         }
         Body::Stream(mut body) => {
-            // The body is dropped (freeing its upstream connection for reuse)
-            // before the client can see the end of the response and send its
-            // next request, so that request finds the connection idle.
+            // At the end, the body is dropped (freeing its upstream connection
+            // for reuse) and modules are told, before the client can see the
+            // end of the response and send its next request.
             let length = body.length();
             loop {
                 let chunk = body
@@ -369,14 +374,12 @@ fn write_response(
                         encode_last_chunk(&mut out, body.trailers());
                     }
                     drop(body);
+                    pipeline.on_body_end(ran, ctx).map_err(failed)?;
                     stream.write_all(&out)?;
                     break;
                 };
                 bytes += chunk.len() as u64;
-                shared
-                    .pipeline
-                    .on_body_chunk(ran, chunk, ctx)
-                    .map_err(|f| io::Error::other(format!("module `{}` failed", f.module)))?;
+                pipeline.on_body_chunk(ran, chunk, ctx).map_err(failed)?;
                 let last = length == Some(bytes);
                 if chunked {
                     encode_chunk_header(&mut out, chunk.len());
@@ -390,6 +393,7 @@ fn write_response(
                 }
                 if last {
                     drop(body);
+                    pipeline.on_body_end(ran, ctx).map_err(failed)?;
                     stream.write_all(&out)?;
                     break;
                 }
@@ -399,6 +403,10 @@ fn write_response(
         }
     }
     Ok(Written { bytes, keep_alive })
+}
+
+fn failed(f: ModuleFailed) -> io::Error {
+    io::Error::other(format!("module `{}` failed", f.module))
 }
 
 /// Answers a refused request and closes gently.

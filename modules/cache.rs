@@ -1,0 +1,390 @@
+//! A shared HTTP cache (RFC 9111) in memory, bounded in bytes.
+//!
+//! Request phase: a fresh (or acceptably stale) stored response answers the
+//! request with its `Age`; otherwise the request goes on and the response
+//! phase decides whether the answer is storable. A storable response is
+//! captured as it streams to the client and stored once all of it has
+//! arrived (a body cut short is never stored). Unsafe methods invalidate what they may have changed (§4.4).
+//! Storage is moka's TinyLFU cache weighed in bytes.
+//!
+//! Not yet: revalidation (so `no-cache` responses are not stored), stale-while-
+//! revalidate / stale-if-error, request coalescing, ranges, a disk tier, purge.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use moka::sync::Cache as Store;
+use serde::Deserialize;
+
+use crate::config::Dur;
+use crate::http::{Headers, Request, ResponseHead};
+use crate::pipeline::{Body, BuildEnv, Context, Downstream, Flow, Module, Response};
+
+/// After request_id (so hits carry an id), before proxy_core.
+pub const PRIORITY: i32 = 500;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Bytes of keys, headers and bodies held in memory.
+    pub max_memory: u64,
+    /// Larger responses pass through and are not stored.
+    pub max_object_size: u64,
+    /// Freshness of a response with Last-Modified but no explicit lifetime, as
+    /// this fraction of its age when received (RFC 9111 §4.2.2); 0: never.
+    pub heuristic_fraction: f64,
+    /// Upper bound of that heuristic freshness.
+    pub heuristic_max: Dur,
+    /// A header saying HIT or MISS besides Cache-Status, e.g. "X-Cache"; "": none.
+    pub x_cache_header: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            max_memory: 256 << 20,
+            max_object_size: 8 << 20,
+            heuristic_fraction: 0.1,
+            heuristic_max: Dur(Duration::from_secs(24 * 3600)),
+            x_cache_header: String::new(),
+        }
+    }
+}
+
+pub fn build(settings: &Settings, _env: &BuildEnv) -> Result<Box<dyn Module>, String> {
+    if !(0.0..=1.0).contains(&settings.heuristic_fraction) {
+        return Err(format!("heuristic_fraction {} must be within 0..=1", settings.heuristic_fraction));
+    }
+    let store = Store::builder()
+        .max_capacity(settings.max_memory)
+        .weigher(|key: &String, entry: &Arc<Entry>| (key.len() + entry.size()).try_into().unwrap_or(u32::MAX))
+        .build();
+    Ok(Box::new(Cache {
+        store,
+        max_object_size: settings.max_object_size,
+        heuristic_fraction: settings.heuristic_fraction,
+        heuristic_max: settings.heuristic_max.0,
+        x_cache_header: (!settings.x_cache_header.is_empty()).then(|| settings.x_cache_header.clone()),
+    }))
+}
+
+struct Cache {
+    store: Store<String, Arc<Entry>>,
+    max_object_size: u64,
+    heuristic_fraction: f64,
+    heuristic_max: Duration,
+    x_cache_header: Option<String>,
+}
+
+/// A stored response.
+struct Entry {
+    head: ResponseHead,
+    body: Vec<u8>,
+    /// The request headers named by Vary, with the values they had (§4.1).
+    vary: Vec<(String, String)>,
+    response_time: Instant,
+    corrected_initial_age: Duration,
+    freshness: Duration,
+    must_revalidate: bool,
+}
+
+impl Entry {
+    /// current_age (§4.2.3).
+    fn age(&self, now: Instant) -> Duration {
+        self.corrected_initial_age + now.saturating_duration_since(self.response_time)
+    }
+
+    fn size(&self) -> usize {
+        let headers: usize = self.head.headers.iter().map(|(n, v)| n.len() + v.len() + 4).sum();
+        self.body.len() + headers + 128
+    }
+
+    fn vary_matches(&self, req: &Request) -> bool {
+        self.vary.iter().all(|(name, value)| vary_value(req, name) == *value)
+    }
+}
+
+/// What the request phase decided, for the response phase.
+enum State {
+    /// Answered from the cache.
+    Hit,
+    /// Forwarded; the response may be stored under `key`.
+    Miss { key: String, status: &'static str },
+    /// Forwarded without using or storing anything (`no-store` asked).
+    Bypass,
+    /// An unsafe method: a successful response invalidates these.
+    Invalidate { host: String, key: String },
+}
+
+/// A response being stored as it streams to the client.
+struct Capture {
+    key: String,
+    entry: Entry,
+}
+
+/// Cache-Control directives (RFC 9111 §5.2) that this cache acts on.
+#[derive(Default)]
+struct Directives {
+    no_store: bool,
+    no_cache: bool,
+    private: bool,
+    public: bool,
+    must_revalidate: bool,
+    only_if_cached: bool,
+    max_age: Option<u64>,
+    s_maxage: Option<u64>,
+    min_fresh: Option<u64>,
+    /// `Some(None)`: any staleness is acceptable.
+    max_stale: Option<Option<u64>>,
+}
+
+impl Directives {
+    fn parse(headers: &Headers) -> Directives {
+        let mut d = Directives::default();
+        for item in headers.list("cache-control") {
+            let item = String::from_utf8_lossy(item);
+            let (name, value) = match item.split_once('=') {
+                Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
+                None => (item.trim(), None),
+            };
+            let seconds = value.and_then(|v| v.parse::<u64>().ok());
+            match name.to_ascii_lowercase().as_str() {
+                "no-store" => d.no_store = true,
+                "no-cache" => d.no_cache = true,
+                "private" => d.private = true,
+                "public" => d.public = true,
+                "must-revalidate" | "proxy-revalidate" => d.must_revalidate = true,
+                "only-if-cached" => d.only_if_cached = true,
+                "max-age" => d.max_age = seconds,
+                "s-maxage" => d.s_maxage = seconds,
+                "min-fresh" => d.min_fresh = seconds,
+                "max-stale" => d.max_stale = Some(seconds),
+                _ => {}
+            }
+        }
+        // HTTP/1.0 clients say Pragma: no-cache (§5.4), when Cache-Control is absent.
+        if !headers.contains("cache-control") && headers.has_token("pragma", "no-cache") {
+            d.no_cache = true;
+        }
+        d
+    }
+}
+
+fn cache_key(host: &str, target: &str) -> String {
+    format!("http://{}{target}", host.to_ascii_lowercase())
+}
+
+fn vary_value(req: &Request, name: &str) -> String {
+    let values: Vec<String> = req.headers.get_all(name).map(|v| String::from_utf8_lossy(v).trim().to_owned()).collect();
+    values.join(", ")
+}
+
+/// Responses cacheable by default, i.e. with heuristic freshness (RFC 9110 §15.1).
+fn heuristically_cacheable(status: u16) -> bool {
+    matches!(status, 200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501)
+}
+
+fn http_date(headers: &Headers, name: &str) -> Option<SystemTime> {
+    headers.get_str(name).and_then(|v| httpdate::parse_http_date(v.trim()).ok())
+}
+
+impl Module for Cache {
+    fn handle(&self, req: &mut Request, _downstream: &mut Downstream, ctx: &mut Context) -> Flow {
+        let host = req.host().unwrap_or_default().to_owned();
+        let key = cache_key(&host, &req.target);
+        if matches!(req.method.as_str(), "POST" | "PUT" | "DELETE" | "PATCH") {
+            ctx.put(State::Invalidate { host, key });
+            return Flow::Continue;
+        }
+        if !matches!(req.method.as_str(), "GET" | "HEAD") {
+            return Flow::Continue;
+        }
+        let asked = Directives::parse(&req.headers);
+        if asked.no_store {
+            ctx.put(State::Bypass);
+            return Flow::Continue;
+        }
+        let stored = self.store.get(&key);
+        let now = Instant::now();
+        let status = match &stored {
+            _ if asked.no_cache => "request",
+            None => "miss",
+            Some(entry) if !entry.vary_matches(req) => "vary-miss",
+            Some(entry) if servable(entry, &asked, now) => return Flow::Respond(self.hit(entry, now, ctx)),
+            Some(_) => "stale",
+        };
+        if asked.only_if_cached {
+            ctx.put(State::Hit);
+            return Flow::Respond(Response::text(504, "not in cache (only-if-cached)"));
+        }
+        ctx.put(State::Miss { key, status });
+        Flow::Continue
+    }
+
+    fn on_response(&self, req: &Request, resp: &mut ResponseHead, ctx: &mut Context) {
+        match ctx.take::<State>() {
+            None | Some(State::Hit) => {}
+            Some(State::Bypass) => self.mark(resp, "fwd=request", false),
+            Some(State::Invalidate { host, key }) => {
+                if resp.status < 400 {
+                    self.store.invalidate(&key);
+                    for name in ["location", "content-location"] {
+                        if let Some(key) = resp.headers.get_str(name).and_then(|uri| same_host_key(&host, uri)) {
+                            self.store.invalidate(&key);
+                        }
+                    }
+                }
+            }
+            Some(State::Miss { key, status }) => match self.storable(req, resp, ctx.started) {
+                Some(entry) => {
+                    ctx.put(Capture { key, entry });
+                    self.mark(resp, &format!("fwd={status}; stored"), false);
+                }
+                None => self.mark(resp, &format!("fwd={status}"), false),
+            },
+        }
+    }
+
+    fn on_body_chunk(&self, chunk: &[u8], ctx: &mut Context) {
+        let Some(capture) = ctx.get_mut::<Capture>() else { return };
+        if (capture.entry.body.len() + chunk.len()) as u64 > self.max_object_size {
+            ctx.take::<Capture>(); // too big after all: pass through only
+            return;
+        }
+        capture.entry.body.extend_from_slice(chunk);
+    }
+
+    fn on_body_end(&self, ctx: &mut Context) {
+        let Some(Capture { key, mut entry }) = ctx.take::<Capture>() else { return };
+        entry.head.headers.set("Content-Length", entry.body.len().to_string());
+        self.store.insert(key, Arc::new(entry));
+        // moka applies evictions lazily; keep the byte bound exact on every insert.
+        self.store.run_pending_tasks();
+    }
+}
+
+/// May a stored response answer a request with these directives now (§4.2, §5.2.1)?
+fn servable(entry: &Entry, asked: &Directives, now: Instant) -> bool {
+    let age = entry.age(now);
+    if asked.max_age.is_some_and(|max| age > Duration::from_secs(max)) {
+        return false;
+    }
+    if asked.min_fresh.is_some_and(|min| entry.freshness < age + Duration::from_secs(min)) {
+        return false;
+    }
+    if age <= entry.freshness {
+        return true;
+    }
+    let staleness = age - entry.freshness;
+    !entry.must_revalidate
+        && match asked.max_stale {
+            Some(None) => true,
+            Some(Some(max)) => staleness <= Duration::from_secs(max),
+            None => false,
+        }
+}
+
+/// The key of a Location / Content-Location URI on the same host (§4.4).
+fn same_host_key(host: &str, uri: &str) -> Option<String> {
+    if uri.starts_with('/') {
+        return Some(cache_key(host, uri));
+    }
+    let rest = uri.strip_prefix("http://")?;
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    authority
+        .eq_ignore_ascii_case(host)
+        .then(|| cache_key(host, if path.is_empty() { "/" } else { path }))
+}
+
+impl Cache {
+    fn hit(&self, entry: &Entry, now: Instant, ctx: &mut Context) -> Response {
+        let age = entry.age(now);
+        let mut head = entry.head.clone();
+        head.headers.set("Age", age.as_secs().to_string());
+        let ttl = entry.freshness.as_secs() as i64 - age.as_secs() as i64;
+        self.mark(&mut head, &format!("hit; ttl={ttl}"), true);
+        ctx.put(State::Hit);
+        Response {
+            head,
+            body: Body::Bytes(entry.body.clone()),
+        }
+    }
+
+    /// Cache-Status (RFC 9211), and the X-Cache-style header if configured.
+    fn mark(&self, head: &mut ResponseHead, status: &str, hit: bool) {
+        head.headers.append("Cache-Status", format!("proxycache; {status}"));
+        if let Some(name) = &self.x_cache_header {
+            head.headers.set(name, if hit { "HIT" } else { "MISS" });
+        }
+    }
+
+    /// The entry to store this response as, if a shared cache may (§3), with
+    /// its freshness lifetime (§4.2.1) and age bookkeeping (§4.2.3).
+    fn storable(&self, req: &Request, resp: &ResponseHead, request_time: Instant) -> Option<Entry> {
+        if req.method != "GET" || resp.status < 200 || resp.status == 206 {
+            return None;
+        }
+        let said = Directives::parse(&resp.headers);
+        if said.no_store || said.private || said.no_cache || Directives::parse(&req.headers).no_store {
+            return None;
+        }
+        if resp.headers.contains("set-cookie") || resp.headers.list("vary").any(|v| v == b"*") {
+            return None;
+        }
+        if req.headers.contains("authorization") && !(said.public || said.s_maxage.is_some() || said.must_revalidate) {
+            return None;
+        }
+        let declared_length = resp.headers.get_str("content-length").and_then(|v| v.parse::<u64>().ok());
+        if declared_length.is_some_and(|n| n > self.max_object_size) {
+            return None;
+        }
+
+        let now_wall = SystemTime::now();
+        let date = http_date(&resp.headers, "date").unwrap_or(now_wall);
+        let freshness = match (said.s_maxage.or(said.max_age), resp.headers.get("expires")) {
+            (Some(seconds), _) => Duration::from_secs(seconds),
+            // An Expires that does not parse (such as "0") means already expired.
+            (None, Some(_)) => http_date(&resp.headers, "expires")
+                .and_then(|expires| expires.duration_since(date).ok())
+                .unwrap_or_default(),
+            (None, None) if heuristically_cacheable(resp.status) => {
+                let modified = http_date(&resp.headers, "last-modified")?;
+                let age = date.duration_since(modified).ok()?;
+                age.mul_f64(self.heuristic_fraction).min(self.heuristic_max)
+            }
+            (None, None) => return None,
+        };
+        if freshness.is_zero() {
+            return None;
+        }
+
+        // §4.2.3: how old the response already was when it reached us.
+        let response_time = Instant::now();
+        let apparent_age = now_wall.duration_since(date).unwrap_or_default();
+        let age_value = resp.headers.get_str("age").and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0);
+        let response_delay = response_time.saturating_duration_since(request_time);
+        let corrected_initial_age = apparent_age.max(Duration::from_secs(age_value) + response_delay);
+
+        let mut head = resp.clone();
+        head.headers.remove("age");
+        head.headers.remove("cache-status");
+        let vary = resp
+            .headers
+            .list("vary")
+            .map(|name| {
+                let name = String::from_utf8_lossy(name).to_ascii_lowercase();
+                let value = vary_value(req, &name);
+                (name, value)
+            })
+            .collect();
+        Some(Entry {
+            head,
+            body: Vec::new(),
+            vary,
+            response_time,
+            corrected_initial_age,
+            freshness,
+            must_revalidate: said.must_revalidate,
+        })
+    }
+}

@@ -1,0 +1,390 @@
+//! The cache module (RFC 9111) through the real proxy, against a backend that
+//! counts what reaches it.
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use common::*;
+
+/// A backend answering every path with the headers `headers_for(path)` gives
+/// and a body naming the path and how many requests reached the backend so far.
+fn backend(headers_for: fn(&str) -> Vec<(String, String)>) -> Backend {
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    Backend::start(move |req| {
+        let n = hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        let headers = headers_for(&req.target);
+        let pairs: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        response(200, &pairs, format!("{} #{n}", req.target).as_bytes())
+    })
+}
+
+fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect()
+}
+
+fn seen(backend: &Backend, path: &str) -> usize {
+    backend
+        .recorded()
+        .iter()
+        .filter(|r| r.target == path)
+        .count()
+}
+
+fn fetch(proxy: &Proxy, path: &str, extra: &str) -> Resp {
+    request(
+        proxy.addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: cache.test\r\n{extra}\r\n"),
+    )
+}
+
+#[test]
+fn a_fresh_response_is_served_from_cache_with_age_and_cache_status() {
+    let backend = backend(|_| h(&[("Cache-Control", "max-age=60")]));
+    let proxy = Proxy::start(backend.addr);
+    let first = fetch(&proxy, "/fresh", "");
+    assert_eq!(
+        first.header("cache-status"),
+        Some("proxycache; fwd=miss; stored")
+    );
+    let second = fetch(&proxy, "/fresh", "");
+    assert_eq!(second.text(), first.text(), "same stored body");
+    assert_eq!(seen(&backend, "/fresh"), 1);
+    assert!(
+        second
+            .header("cache-status")
+            .unwrap()
+            .starts_with("proxycache; hit; ttl="),
+        "{second:?}"
+    );
+    let age: u64 = second.header("age").unwrap().parse().unwrap();
+    assert!(age <= 1);
+    assert!(
+        second.header("x-request-id").is_some(),
+        "later stages still run on a hit"
+    );
+}
+
+#[test]
+fn an_expired_response_is_fetched_again() {
+    let backend = backend(|_| h(&[("Cache-Control", "max-age=1")]));
+    let proxy = Proxy::start(backend.addr);
+    fetch(&proxy, "/short", "");
+    fetch(&proxy, "/short", "");
+    assert_eq!(seen(&backend, "/short"), 1);
+    std::thread::sleep(Duration::from_millis(2100));
+    let again = fetch(&proxy, "/short", "");
+    assert_eq!(seen(&backend, "/short"), 2);
+    assert_eq!(
+        again.header("cache-status"),
+        Some("proxycache; fwd=stale; stored")
+    );
+}
+
+#[test]
+fn what_a_shared_cache_must_not_store() {
+    let backend = backend(|path| match path {
+        "/no-store" => h(&[("Cache-Control", "max-age=60, no-store")]),
+        "/private" => h(&[("Cache-Control", "private, max-age=60")]),
+        "/no-freshness" => h(&[]),
+        "/cookie" => h(&[("Cache-Control", "max-age=60"), ("Set-Cookie", "s=1")]),
+        "/vary-star" => h(&[("Cache-Control", "max-age=60"), ("Vary", "*")]),
+        "/no-cache" => h(&[("Cache-Control", "no-cache, max-age=60")]),
+        "/expires-zero" => h(&[("Expires", "0")]),
+        _ => h(&[("Cache-Control", "max-age=60")]),
+    });
+    let proxy = Proxy::start(backend.addr);
+    for path in [
+        "/no-store",
+        "/private",
+        "/no-freshness",
+        "/cookie",
+        "/vary-star",
+        "/no-cache",
+        "/expires-zero",
+    ] {
+        let first = fetch(&proxy, path, "");
+        assert_eq!(
+            first.header("cache-status"),
+            Some("proxycache; fwd=miss"),
+            "{path}"
+        );
+        fetch(&proxy, path, "");
+        assert_eq!(seen(&backend, path), 2, "{path} was served from cache");
+    }
+    // Authorization: only with public, s-maxage or must-revalidate (§3.5).
+    fetch(&proxy, "/authed", "Authorization: Basic eDp5\r\n");
+    fetch(&proxy, "/authed", "Authorization: Basic eDp5\r\n");
+    assert_eq!(seen(&backend, "/authed"), 2);
+}
+
+#[test]
+fn authorization_with_public_s_maxage_expires_and_heuristics_are_stored() {
+    let backend = backend(|path| {
+        let in_a_minute = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(60));
+        let ten_days_ago =
+            httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(10 * 86400));
+        let now = httpdate::fmt_http_date(SystemTime::now());
+        match path {
+            "/public-authed" => h(&[("Cache-Control", "public, max-age=60")]),
+            "/s-maxage" => h(&[("Cache-Control", "max-age=0, s-maxage=60")]),
+            "/expires" => vec![("Date".into(), now), ("Expires".into(), in_a_minute)],
+            _ => vec![("Date".into(), now), ("Last-Modified".into(), ten_days_ago)],
+        }
+    });
+    let proxy = Proxy::start(backend.addr);
+    for (path, extra) in [
+        ("/public-authed", "Authorization: Basic eDp5\r\n"),
+        ("/s-maxage", ""),
+        ("/expires", ""),
+        ("/heuristic", ""),
+    ] {
+        fetch(&proxy, path, extra);
+        let second = fetch(&proxy, path, extra);
+        assert_eq!(seen(&backend, path), 1, "{path} not stored");
+        assert!(
+            second.header("cache-status").unwrap().contains("hit"),
+            "{path}"
+        );
+    }
+}
+
+#[test]
+fn age_counts_what_the_upstream_said() {
+    let backend = backend(|_| h(&[("Cache-Control", "max-age=600"), ("Age", "100")]));
+    let proxy = Proxy::start(backend.addr);
+    fetch(&proxy, "/aged", "");
+    let hit = fetch(&proxy, "/aged", "");
+    let age: u64 = hit.header("age").unwrap().parse().unwrap();
+    assert!((100..=102).contains(&age), "Age {age}");
+    assert!(
+        hit.header("cache-status").unwrap().contains("ttl=50"),
+        "{hit:?}"
+    );
+}
+
+#[test]
+fn request_directives_are_honoured() {
+    let backend = backend(|path| match path {
+        "/stale" => h(&[("Cache-Control", "max-age=1")]),
+        "/strict" => h(&[("Cache-Control", "max-age=1, must-revalidate")]),
+        _ => h(&[("Cache-Control", "max-age=60")]),
+    });
+    let proxy = Proxy::start(backend.addr);
+    fetch(&proxy, "/d", "");
+    let reload = fetch(&proxy, "/d", "Cache-Control: no-cache\r\n");
+    assert_eq!(
+        reload.header("cache-status"),
+        Some("proxycache; fwd=request; stored")
+    );
+    assert_eq!(seen(&backend, "/d"), 2);
+    fetch(&proxy, "/d", "Pragma: no-cache\r\n");
+    assert_eq!(seen(&backend, "/d"), 3, "HTTP/1.0 Pragma: no-cache");
+    fetch(&proxy, "/d", "Cache-Control: min-fresh=120\r\n");
+    assert_eq!(seen(&backend, "/d"), 4, "not fresh enough for min-fresh");
+    fetch(&proxy, "/d", "Cache-Control: max-age=30\r\n");
+    assert_eq!(seen(&backend, "/d"), 4, "young enough for max-age=30");
+    let bypass = fetch(&proxy, "/d", "Cache-Control: no-store\r\n");
+    assert_eq!(
+        bypass.header("cache-status"),
+        Some("proxycache; fwd=request")
+    );
+    assert_eq!(seen(&backend, "/d"), 5);
+
+    assert_eq!(
+        fetch(&proxy, "/absent", "Cache-Control: only-if-cached\r\n").status,
+        504
+    );
+    assert_eq!(seen(&backend, "/absent"), 0);
+    assert_eq!(
+        fetch(&proxy, "/d", "Cache-Control: only-if-cached\r\n").status,
+        200
+    );
+
+    fetch(&proxy, "/stale", "");
+    fetch(&proxy, "/strict", "");
+    std::thread::sleep(Duration::from_millis(2100));
+    let stale = fetch(&proxy, "/stale", "Cache-Control: max-stale=60\r\n");
+    assert!(
+        stale.header("cache-status").unwrap().contains("hit"),
+        "{stale:?}"
+    );
+    assert_eq!(
+        seen(&backend, "/stale"),
+        1,
+        "max-stale accepts a stale entry"
+    );
+    fetch(&proxy, "/strict", "Cache-Control: max-stale=60\r\n");
+    assert_eq!(
+        seen(&backend, "/strict"),
+        2,
+        "must-revalidate forbids serving it stale"
+    );
+}
+
+#[test]
+fn vary_keys_on_the_named_request_headers() {
+    let backend = backend(|_| h(&[("Cache-Control", "max-age=60"), ("Vary", "Accept-Language")]));
+    let proxy = Proxy::start(backend.addr);
+    let en = fetch(&proxy, "/v", "Accept-Language: en\r\n");
+    assert_eq!(
+        fetch(&proxy, "/v", "Accept-Language: en\r\n").text(),
+        en.text()
+    );
+    assert_eq!(seen(&backend, "/v"), 1);
+    let fr = fetch(&proxy, "/v", "Accept-Language: fr\r\n");
+    assert_eq!(
+        fr.header("cache-status"),
+        Some("proxycache; fwd=vary-miss; stored")
+    );
+    assert_eq!(seen(&backend, "/v"), 2);
+}
+
+#[test]
+fn head_is_answered_from_a_cached_get() {
+    let backend = backend(|_| h(&[("Cache-Control", "max-age=60")]));
+    let proxy = Proxy::start(backend.addr);
+    let get = fetch(&proxy, "/h", "");
+    let mut client = Client::connect(proxy.addr);
+    client.send("HEAD /h HTTP/1.1\r\nHost: cache.test\r\n\r\n");
+    let head = client.head_response();
+    assert!(head.header("cache-status").unwrap().contains("hit"));
+    assert_eq!(
+        head.header("content-length"),
+        Some(get.body.len().to_string().as_str())
+    );
+    client.send("GET /h HTTP/1.1\r\nHost: cache.test\r\n\r\n");
+    assert_eq!(
+        client.response().text(),
+        get.text(),
+        "no body was sent after the HEAD"
+    );
+    assert_eq!(seen(&backend, "/h"), 1);
+}
+
+#[test]
+fn unsafe_methods_invalidate_the_target_and_location() {
+    let backend = Backend::start(|req| match req.method.as_str() {
+        "POST" => response(
+            201,
+            &[
+                ("Location", "/created"),
+                ("Content-Location", "http://cache.test/other"),
+            ],
+            b"",
+        ),
+        _ => response(
+            200,
+            &[("Cache-Control", "max-age=60")],
+            req.target.as_bytes(),
+        ),
+    });
+    let proxy = Proxy::start(backend.addr);
+    let gets = |path: &str| {
+        backend
+            .recorded()
+            .iter()
+            .filter(|r| r.method == "GET" && r.target == path)
+            .count()
+    };
+    for path in ["/inv", "/created", "/other", "/untouched"] {
+        fetch(&proxy, path, "");
+        fetch(&proxy, path, "");
+        assert_eq!(gets(path), 1, "{path}");
+    }
+    let post = request(
+        proxy.addr,
+        "POST /inv HTTP/1.1\r\nHost: cache.test\r\nContent-Length: 1\r\n\r\nx",
+    );
+    assert_eq!(post.status, 201);
+    for path in ["/inv", "/created", "/other", "/untouched"] {
+        fetch(&proxy, path, "");
+    }
+    assert_eq!(
+        (
+            gets("/inv"),
+            gets("/created"),
+            gets("/other"),
+            gets("/untouched")
+        ),
+        (2, 2, 2, 1)
+    );
+}
+
+#[test]
+fn objects_over_max_object_size_pass_through_and_memory_is_bounded_in_bytes() {
+    let big = Backend::start(|req| {
+        let size = if req.target == "/big" { 2000 } else { 10_000 };
+        response(200, &[("Cache-Control", "max-age=60")], &vec![b'b'; size])
+    });
+    let proxy = Proxy::with(
+        big.addr,
+        Conf {
+            rest: "[modules.cache]\nmax_object_size = 1500\nmax_memory = 60000",
+            ..Conf::default()
+        },
+    );
+    for _ in 0..2 {
+        assert_eq!(fetch(&proxy, "/big", "").body.len(), 2000);
+    }
+    assert_eq!(seen(&big, "/big"), 2, "over max_object_size: not stored");
+
+    let proxy = Proxy::with(
+        big.addr,
+        Conf {
+            rest: "[modules.cache]\nmax_object_size = 20000\nmax_memory = 60000",
+            ..Conf::default()
+        },
+    );
+    let paths: Vec<String> = (0..20).map(|i| format!("/obj{i}")).collect();
+    for _ in 0..3 {
+        for path in &paths {
+            fetch(&proxy, path, "");
+        }
+    }
+    // 20 objects of 10 kB, 60 kB of room: at most 6 can be held at once.
+    let hits = 3 * 20 - paths.iter().map(|p| seen(&big, p)).sum::<usize>();
+    assert!(hits <= 2 * 6, "{hits} hits: more stored than 60 kB allows");
+}
+
+#[test]
+fn a_truncated_response_is_not_stored() {
+    let backend = Backend::raw(|mut stream| {
+        use std::io::Write;
+        let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+        read_request(&mut reader);
+        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 100\r\n\r\nonly ten..");
+    });
+    let proxy = Proxy::start(backend.addr);
+    for _ in 0..2 {
+        let mut client = Client::connect(proxy.addr);
+        client.send("GET /cut HTTP/1.1\r\nHost: cache.test\r\n\r\n");
+        assert!(client.try_response().is_none());
+    }
+    assert_eq!(
+        backend
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
+}
+
+#[test]
+fn an_x_cache_header_can_be_configured() {
+    let backend = backend(|_| h(&[("Cache-Control", "max-age=60")]));
+    let proxy = Proxy::with(
+        backend.addr,
+        Conf {
+            rest: "[modules.cache]\nx_cache_header = \"X-Cache\"",
+            ..Conf::default()
+        },
+    );
+    assert_eq!(fetch(&proxy, "/x", "").header("x-cache"), Some("MISS"));
+    assert_eq!(fetch(&proxy, "/x", "").header("x-cache"), Some("HIT"));
+}
