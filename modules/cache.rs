@@ -9,6 +9,7 @@
 //!
 //! Not yet: revalidation (so `no-cache` responses are not stored), stale-while-
 //! revalidate / stale-if-error, request coalescing, ranges, a disk tier, purge.
+//! Client conditional requests are answered from fresh entries (304).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -210,7 +211,7 @@ impl Module for Cache {
             _ if asked.no_cache => "request",
             None => "miss",
             Some(entry) if !entry.vary_matches(req) => "vary-miss",
-            Some(entry) if servable(entry, &asked, now) => return Flow::Respond(self.hit(entry, now, ctx)),
+            Some(entry) if servable(entry, &asked, now) => return Flow::Respond(self.hit(entry, req, now, ctx)),
             Some(_) => "stale",
         };
         if asked.only_if_cached {
@@ -284,6 +285,25 @@ fn servable(entry: &Entry, asked: &Directives, now: Instant) -> bool {
         }
 }
 
+/// Would the client's conditional request get 304 from this stored response?
+/// If-None-Match (weak comparison) wins over If-Modified-Since (RFC 9110 §13.2.2).
+fn not_modified(stored: &ResponseHead, req: &Request) -> bool {
+    if req.headers.contains("if-none-match") {
+        let Some(etag) = stored.headers.get("etag") else { return false };
+        return req.headers.list("if-none-match").any(|tag| tag == b"*" || weak_eq(tag, etag));
+    }
+    match (http_date(&req.headers, "if-modified-since"), http_date(&stored.headers, "last-modified")) {
+        (Some(since), Some(modified)) => modified <= since,
+        _ => false,
+    }
+}
+
+/// Weak comparison of entity tags: equal opaque tags, W/ or not (RFC 9110 §8.8.3.2).
+fn weak_eq(a: &[u8], b: &[u8]) -> bool {
+    let opaque = |t: &[u8]| t.strip_prefix(b"W/").unwrap_or(t).to_vec();
+    opaque(a) == opaque(crate::http::headers::trim(b))
+}
+
 /// The key of a Location / Content-Location URI on the same host (§4.4).
 fn same_host_key(host: &str, uri: &str) -> Option<String> {
     if uri.starts_with('/') {
@@ -297,17 +317,23 @@ fn same_host_key(host: &str, uri: &str) -> Option<String> {
 }
 
 impl Cache {
-    fn hit(&self, entry: &Entry, now: Instant, ctx: &mut Context) -> Response {
+    fn hit(&self, entry: &Entry, req: &Request, now: Instant, ctx: &mut Context) -> Response {
         let age = entry.age(now);
         let mut head = entry.head.clone();
         head.headers.set("Age", age.as_secs().to_string());
         let ttl = entry.freshness.as_secs() as i64 - age.as_secs() as i64;
         self.mark(&mut head, &format!("hit; ttl={ttl}"), true);
         ctx.put(State::Hit);
-        Response {
-            head,
-            body: Body::Bytes(entry.body.clone()),
-        }
+        let body = if not_modified(&entry.head, req) {
+            // The client's copy is current (§4.3.2): 304, no body.
+            head.status = 304;
+            head.reason = None;
+            head.headers.remove("content-length");
+            Body::Empty
+        } else {
+            Body::Bytes(entry.body.clone())
+        };
+        Response { head, body }
     }
 
     /// Cache-Status (RFC 9211), and the X-Cache-style header if configured.

@@ -388,3 +388,41 @@ fn an_x_cache_header_can_be_configured() {
     assert_eq!(fetch(&proxy, "/x", "").header("x-cache"), Some("MISS"));
     assert_eq!(fetch(&proxy, "/x", "").header("x-cache"), Some("HIT"));
 }
+
+#[test]
+fn conditional_requests_get_304_from_a_fresh_entry() {
+    let backend = backend(|_| {
+        h(&[
+            ("Cache-Control", "max-age=60"),
+            ("ETag", "W/\"v1\""),
+            ("Last-Modified", "Sat, 01 Nov 2025 10:00:00 GMT"),
+        ])
+    });
+    let proxy = Proxy::start(backend.addr);
+    fetch(&proxy, "/c", "");
+    for (conditional, status) in [
+        ("If-None-Match: \"v1\"\r\n", 304),
+        ("If-None-Match: \"v0\", W/\"v1\"\r\n", 304),
+        ("If-None-Match: *\r\n", 304),
+        ("If-None-Match: \"v2\"\r\n", 200),
+        ("If-Modified-Since: Sun, 02 Nov 2025 10:00:00 GMT\r\n", 304),
+        ("If-Modified-Since: Fri, 31 Oct 2025 10:00:00 GMT\r\n", 200),
+        // If-None-Match wins over If-Modified-Since.
+        (
+            "If-None-Match: \"v2\"\r\nIf-Modified-Since: Sun, 02 Nov 2025 10:00:00 GMT\r\n",
+            200,
+        ),
+    ] {
+        let mut client = Client::connect(proxy.addr);
+        client.send(format!(
+            "GET /c HTTP/1.1\r\nHost: cache.test\r\n{conditional}\r\n"
+        ));
+        let resp = client.response();
+        assert_eq!(resp.status, status, "{conditional}");
+        if status == 304 {
+            assert!(resp.body.is_empty());
+            assert_eq!(resp.header("etag"), Some("W/\"v1\""));
+        }
+    }
+    assert_eq!(seen(&backend, "/c"), 1);
+}
