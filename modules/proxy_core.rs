@@ -14,7 +14,9 @@ use serde::Deserialize;
 use crate::http::body::{BodyError, BodyReader};
 use crate::http::chunked::{encode_chunk_header, encode_last_chunk, CHUNK_END};
 use crate::http::{response, BodyKind, Headers, Request, ResponseHead, Version};
-use crate::pipeline::{Body, BodyStream, BuildEnv, Context, Downstream, Flow, Module, PendingResponse, Response};
+use crate::pipeline::{
+    Body, BodyStream, BuildEnv, Context, Downstream, Flow, Module, PendingResponse, Response, Resumed,
+};
 use crate::pool::{Pool, PoolError, Pooled};
 
 /// Last: it answers every request that reaches it.
@@ -219,7 +221,18 @@ impl PendingResponse for AwaitResponse {
         self.pool.limits().read_timeout
     }
 
-    fn poll(&mut self, client: &mut Downstream, ctx: &mut Context) -> Option<Response> {
+    fn poll(&mut self, _req: &Request, client: &mut Downstream, ctx: &mut Context) -> Option<Resumed> {
+        self.progress(client, ctx).map(Resumed::Respond)
+    }
+
+    fn timed_out(self: Box<Self>, _req: &Request, ctx: &mut Context) -> Resumed {
+        Resumed::Respond(answer(Failure::new(504, "upstream read timed out"), ctx, self.addr))
+    }
+}
+
+impl AwaitResponse {
+    /// Reads what arrived; the response once its head is complete.
+    fn progress(&mut self, client: &mut Downstream, ctx: &mut Context) -> Option<Response> {
         match self.read_head(client) {
             Ok(None) => None,
             Ok(Some((head, kind))) => Some(self.respond(head, kind)),
@@ -243,12 +256,6 @@ impl PendingResponse for AwaitResponse {
         }
     }
 
-    fn timed_out(self: Box<Self>, ctx: &mut Context) -> Response {
-        answer(Failure::new(504, "upstream read timed out"), ctx, self.addr)
-    }
-}
-
-impl AwaitResponse {
     /// One read (the socket is readable, so it does not block), then as much
     /// of the head as that completes. 1xx responses go on to the client.
     fn read_head(&mut self, client: &mut Downstream) -> Result<Option<(ResponseHead, BodyKind)>, Failure> {

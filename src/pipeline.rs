@@ -56,19 +56,63 @@ pub enum Flow {
     Await(Box<dyn PendingResponse>),
 }
 
-/// A response still on its way. The server parks the exchange until `fd` is
-/// readable, calls `poll`, and repeats until it yields the response; if no
-/// progress comes within `timeout` it calls `timed_out` instead.
+/// A response still on its way, or a go-ahead awaited. The server parks the
+/// exchange until `fd` is readable, calls `poll`, and repeats until it
+/// resumes; if no progress comes within `timeout` it calls `timed_out`.
+/// Resuming with [`Resumed::Continue`] runs the request phase on from the
+/// next stage, as if the awaiting stage had returned [`Flow::Continue`].
 pub trait PendingResponse: Send {
-    /// The socket whose readability means progress.
+    /// The socket (or [`Signal`]) whose readability means progress.
     fn fd(&self) -> RawFd;
-    /// Longest wait for the next bytes.
+    /// Longest wait for the next progress.
     fn timeout(&self) -> Duration;
     /// Called when `fd` is readable, so a single read never blocks.
-    /// `None`: not complete yet; wait again.
-    fn poll(&mut self, client: &mut Downstream, ctx: &mut Context) -> Option<Response>;
-    /// The answer when the wait ran past `timeout`.
-    fn timed_out(self: Box<Self>, ctx: &mut Context) -> Response;
+    /// `None`: not done yet; wait again.
+    fn poll(
+        &mut self,
+        req: &Request,
+        client: &mut Downstream,
+        ctx: &mut Context,
+    ) -> Option<Resumed>;
+    /// What to do when the wait ran past `timeout`.
+    fn timed_out(self: Box<Self>, req: &Request, ctx: &mut Context) -> Resumed;
+}
+
+pub enum Resumed {
+    Respond(Response),
+    Continue,
+}
+
+/// A file descriptor that becomes readable when notified: for a
+/// [`PendingResponse`] that waits on an event rather than a socket.
+pub struct Signal(std::os::fd::OwnedFd);
+
+impl Signal {
+    pub fn new() -> std::io::Result<Signal> {
+        // SAFETY: plain syscall; the fd is owned from here on.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        Ok(Signal(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }))
+    }
+
+    pub fn notify(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a valid buffer to our eventfd.
+        unsafe {
+            libc::write(
+                std::os::fd::AsRawFd::as_raw_fd(&self.0),
+                one.as_ptr().cast(),
+                8,
+            )
+        };
+    }
+
+    pub fn fd(&self) -> RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.0)
+    }
 }
 
 /// What the request phase produced.
@@ -176,14 +220,16 @@ impl Pipeline {
         &self.stages
     }
 
-    /// Runs the request phase. Returns its outcome and how many stages ran.
+    /// Runs the request phase from stage `from` (0 for a new request).
+    /// Returns its outcome and how many stages have run.
     pub fn handle(
         &self,
+        from: usize,
         req: &mut Request,
         downstream: &mut Downstream,
         ctx: &mut Context,
     ) -> (Handled, usize) {
-        for (i, stage) in self.stages.iter().enumerate() {
+        for (i, stage) in self.stages.iter().enumerate().skip(from) {
             let flow = guarded(stage, ctx, |ctx| stage.module.handle(req, downstream, ctx));
             match flow {
                 Ok(Flow::Continue) => {}
@@ -208,12 +254,13 @@ impl Pipeline {
         &self,
         ran: usize,
         pending: &mut dyn PendingResponse,
+        req: &Request,
         downstream: &mut Downstream,
         ctx: &mut Context,
-    ) -> Option<Response> {
+    ) -> Option<Resumed> {
         let stage = &self.stages[ran - 1];
-        guarded(stage, ctx, |ctx| pending.poll(downstream, ctx))
-            .unwrap_or_else(|failed| Some(failed.into()))
+        guarded(stage, ctx, |ctx| pending.poll(req, downstream, ctx))
+            .unwrap_or_else(|failed| Some(Resumed::Respond(failed.into())))
     }
 
     /// Runs the response phase over the first `ran` stages, last first.

@@ -18,7 +18,7 @@ use super::{OpenSlot, Shared};
 use crate::http::chunked::{encode_chunk_header, encode_last_chunk, CHUNK_END};
 use crate::http::{request, BodyKind, Framing, HttpError, ReadBuf, Request, Version};
 use crate::logging::AccessRecord;
-use crate::pipeline::{Body, Context, Handled, ModuleFailed, PendingResponse, Response};
+use crate::pipeline::{Body, Context, Handled, ModuleFailed, PendingResponse, Response, Resumed};
 
 pub struct Conn {
     pub stream: TcpStream,
@@ -52,6 +52,8 @@ impl Conn {
 /// A request between its head and its response.
 struct Exchange {
     req: Request,
+    /// How the request is framed, for the stages still to run.
+    framing: Framing,
     /// What the request asked for; the response may still close.
     keep_alive: bool,
     /// A body left unread leaves no way to find the next request.
@@ -61,7 +63,7 @@ struct Exchange {
     ran: usize,
 }
 
-/// An exchange waiting for its upstream's response.
+/// An exchange waiting for a stage's pending response (an upstream's, typically).
 pub struct Suspended {
     exchange: Exchange,
     pending: Box<dyn PendingResponse>,
@@ -137,11 +139,7 @@ fn drive(mut conn: Conn, shared: &Shared) -> Next {
             // Pipelined: the next head is already (partly) here.
             Ok(true) if !conn.buf.is_empty() && !shared.shutting_down.load(Relaxed) => {}
             Ok(keep_alive) => return carry_on(conn, keep_alive, shared),
-            Err(suspended) => {
-                // Waiting may take long and thousands may wait at once: no buffer meanwhile.
-                conn.buf.release();
-                return Next::Suspend(conn, suspended);
-            }
+            Err(suspended) => return suspend(conn, suspended),
         }
     }
 }
@@ -169,40 +167,55 @@ fn park(mut conn: Conn, shared: &Shared) -> Next {
     Next::Park(conn, deadline)
 }
 
-/// Runs the request phase. `Ok(keep_alive)` once the response is written,
-/// `Err` when it must wait for an upstream.
+/// Starts the request phase of a new request.
 fn start(
     conn: &mut Conn,
-    mut req: Request,
+    req: Request,
     framing: Framing,
     shared: &Shared,
 ) -> Result<bool, Box<Suspended>> {
-    let mut ctx = Context::new(conn.peer);
+    let exchange = Exchange {
+        keep_alive: framing.keep_alive,
+        framing,
+        body_read: false,
+        ctx: Context::new(conn.peer),
+        req,
+        ran: 0,
+    };
+    run(conn, exchange, shared)
+}
+
+/// Runs the request phase on from the stage the exchange stands at.
+/// `Ok(keep_alive)` once the response is written, `Err` when a stage awaits.
+fn run(conn: &mut Conn, mut ex: Exchange, shared: &Shared) -> Result<bool, Box<Suspended>> {
     let mut downstream = Downstream::new(
         &mut conn.stream,
         &mut conn.buf,
-        framing,
-        req.version,
+        ex.framing,
+        ex.req.version,
         shared.limits.max_body_size,
     );
-    let (handled, ran) = shared.pipeline.handle(&mut req, &mut downstream, &mut ctx);
-    let exchange = Exchange {
-        keep_alive: framing.keep_alive,
-        body_read: downstream.body_done(),
-        req,
-        ctx,
-        ran,
-    };
+    let (handled, ran) = shared
+        .pipeline
+        .handle(ex.ran, &mut ex.req, &mut downstream, &mut ex.ctx);
+    ex.ran = ran;
+    ex.body_read = downstream.body_done();
     match handled {
-        Handled::Respond(resp) => Ok(finish(conn, exchange, resp, shared)),
-        Handled::Await(pending) => Err(Suspended::new(exchange, pending)),
+        Handled::Respond(resp) => Ok(finish(conn, ex, resp, shared)),
+        Handled::Await(pending) => Err(Suspended::new(ex, pending)),
     }
 }
 
-/// Continues an exchange whose upstream became readable.
+fn suspend(mut conn: Conn, suspended: Box<Suspended>) -> Next {
+    // Waiting may take long and thousands may wait at once: no buffer meanwhile.
+    conn.buf.release();
+    Next::Suspend(conn, suspended)
+}
+
+/// Continues an exchange whose awaited socket became readable.
 pub fn resume(mut conn: Conn, mut suspended: Box<Suspended>, shared: &Shared) -> Next {
     let exchange = &mut suspended.exchange;
-    // The request body is behind us: the client side only takes interim responses now.
+    // Only interim responses go to the client while a stage awaits.
     let framing = Framing {
         body: BodyKind::Empty,
         keep_alive: exchange.keep_alive,
@@ -218,27 +231,43 @@ pub fn resume(mut conn: Conn, mut suspended: Box<Suspended>, shared: &Shared) ->
     let polled = shared.pipeline.poll(
         exchange.ran,
         suspended.pending.as_mut(),
+        &exchange.req,
         &mut downstream,
         &mut exchange.ctx,
     );
-    let Some(resp) = polled else {
-        suspended.deadline = Instant::now() + suspended.pending.timeout();
-        return Next::Suspend(conn, suspended);
-    };
-    let keep_alive = finish(&mut conn, suspended.exchange, resp, shared);
-    carry_on(conn, keep_alive, shared)
+    match polled {
+        None => {
+            suspended.deadline = Instant::now() + suspended.pending.timeout();
+            Next::Suspend(conn, suspended)
+        }
+        Some(resumed) => proceed(conn, suspended.exchange, resumed, shared),
+    }
 }
 
-/// The upstream did not answer in time: the module says what the client gets.
-pub fn time_out(mut conn: Conn, suspended: Box<Suspended>, shared: &Shared) {
+/// The wait ran past its timeout: the awaiting module decides what follows.
+pub fn time_out(conn: Conn, suspended: Box<Suspended>, shared: &Shared) -> Next {
     let Suspended {
         mut exchange,
         pending,
         ..
     } = *suspended;
-    let resp = pending.timed_out(&mut exchange.ctx);
-    exchange.keep_alive = false;
-    finish(&mut conn, exchange, resp, shared);
+    let resumed = pending.timed_out(&exchange.req, &mut exchange.ctx);
+    if matches!(resumed, Resumed::Respond(_)) {
+        exchange.keep_alive = false;
+    }
+    proceed(conn, exchange, resumed, shared)
+}
+
+/// Carries an exchange on once its wait is over.
+fn proceed(mut conn: Conn, exchange: Exchange, resumed: Resumed, shared: &Shared) -> Next {
+    let outcome = match resumed {
+        Resumed::Respond(resp) => Ok(finish(&mut conn, exchange, resp, shared)),
+        Resumed::Continue => run(&mut conn, exchange, shared),
+    };
+    match outcome {
+        Ok(keep_alive) => carry_on(conn, keep_alive, shared),
+        Err(suspended) => suspend(conn, suspended),
+    }
 }
 
 /// The response phase: modules, then the wire, then the access log.

@@ -245,18 +245,23 @@ fn on_event(shared: &Shared, token: u64) {
         Waiting::Upstream(conn, suspended) => connection::resume(conn, suspended, shared),
     }));
     match next {
-        Ok(Next::Park(conn, deadline)) if !shared.shutting_down.load(Relaxed) => {
-            shared.parked.park(conn, deadline, &shared.reactor)
-        }
-        // In flight: finishes even during shutdown.
-        Ok(Next::Suspend(conn, suspended)) => {
-            shared.parked.suspend(conn, suspended, &shared.reactor)
-        }
-        Ok(_) => {}
+        Ok(next) => settle(shared, next),
         Err(_) => log::error!("a connection handler panicked; connection closed, worker continues"),
     }
     shared.busy.fetch_sub(1, Relaxed);
     shared.workers.handled.fetch_add(1, Relaxed);
+}
+
+/// Puts a served connection where its `Next` says.
+fn settle(shared: &Shared, next: Next) {
+    match next {
+        Next::Park(conn, deadline) if !shared.shutting_down.load(Relaxed) => {
+            shared.parked.park(conn, deadline, &shared.reactor)
+        }
+        // In flight: finishes even during shutdown.
+        Next::Suspend(conn, suspended) => shared.parked.suspend(conn, suspended, &shared.reactor),
+        Next::Park(..) | Next::Close => {}
+    }
 }
 
 fn accept_pending(shared: &Shared) {
@@ -340,7 +345,14 @@ fn housekeeping(shared: &Arc<Shared>) {
         for waiting in shared.parked.expired(Instant::now()) {
             match waiting {
                 Waiting::Client(conn) => conn.expire(),
-                Waiting::Upstream(conn, suspended) => connection::time_out(conn, suspended, shared),
+                Waiting::Upstream(conn, suspended) => {
+                    match catch_unwind(AssertUnwindSafe(|| {
+                        connection::time_out(conn, suspended, shared)
+                    })) {
+                        Ok(next) => settle(shared, next),
+                        Err(_) => log::error!("a timeout handler panicked; connection closed"),
+                    }
+                }
             }
         }
         shared.pool.evict_expired();
