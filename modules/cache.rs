@@ -7,19 +7,25 @@
 //! arrived (a body cut short is never stored). Unsafe methods invalidate what they may have changed (§4.4).
 //! Storage is moka's TinyLFU cache weighed in bytes.
 //!
+//! Concurrent misses for one key are coalesced: the first goes upstream, the
+//! others wait (in epoll, not on a thread) for its response to be stored.
+//!
 //! Not yet: revalidation (so `no-cache` responses are not stored), stale-while-
-//! revalidate / stale-if-error, request coalescing, ranges, a disk tier, purge.
+//! revalidate / stale-if-error, ranges, a disk tier, purge.
 //! Client conditional requests are answered from fresh entries (304).
 
+use std::collections::HashMap;
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use moka::sync::Cache as Store;
+use parking_lot::Mutex;
 use serde::Deserialize;
 
 use crate::config::Dur;
 use crate::http::{Headers, Request, ResponseHead};
-use crate::pipeline::{Body, BuildEnv, Context, Downstream, Flow, Module, Response};
+use crate::pipeline::{Body, BuildEnv, Context, Downstream, Flow, Module, PendingResponse, Response, Resumed, Signal};
 
 /// After request_id (so hits carry an id), before proxy_core.
 pub const PRIORITY: i32 = 500;
@@ -38,6 +44,9 @@ pub struct Settings {
     pub heuristic_max: Dur,
     /// A header saying HIT or MISS besides Cache-Status, e.g. "X-Cache"; "": none.
     pub x_cache_header: String,
+    /// Concurrent misses for one key wait this long for the first one's
+    /// response to be stored, then go upstream on their own.
+    pub coalesce_wait: Dur,
 }
 
 impl Default for Settings {
@@ -48,6 +57,7 @@ impl Default for Settings {
             heuristic_fraction: 0.1,
             heuristic_max: Dur(Duration::from_secs(24 * 3600)),
             x_cache_header: String::new(),
+            coalesce_wait: Dur(Duration::from_secs(5)),
         }
     }
 }
@@ -60,17 +70,22 @@ pub fn build(settings: &Settings, _env: &BuildEnv) -> Result<Box<dyn Module>, St
         .max_capacity(settings.max_memory)
         .weigher(|key: &String, entry: &Arc<Entry>| (key.len() + entry.size()).try_into().unwrap_or(u32::MAX))
         .build();
-    Ok(Box::new(Cache {
+    Ok(Box::new(Arc::new(Cache {
         store,
+        inflight: Arc::default(),
+        coalesce_wait: settings.coalesce_wait.0,
         max_object_size: settings.max_object_size,
         heuristic_fraction: settings.heuristic_fraction,
         heuristic_max: settings.heuristic_max.0,
         x_cache_header: (!settings.x_cache_header.is_empty()).then(|| settings.x_cache_header.clone()),
-    }))
+    })))
 }
 
 struct Cache {
     store: Store<String, Arc<Entry>>,
+    /// Keys being fetched by a first miss, with the misses waiting for it.
+    inflight: Arc<Mutex<HashMap<String, Flight>>>,
+    coalesce_wait: Duration,
     max_object_size: u64,
     heuristic_fraction: f64,
     heuristic_max: Duration,
@@ -115,6 +130,49 @@ enum State {
     Bypass,
     /// An unsafe method: a successful response invalidates these.
     Invalidate { host: String, key: String },
+}
+
+/// Misses waiting for the first miss of their key (request coalescing).
+type Flight = Vec<Arc<Signal>>;
+
+/// Held by the first miss of a key while it fetches; dropping it (once the
+/// response is stored, found not storable, or the exchange ends) wakes the
+/// misses that wait for it.
+struct Leading {
+    key: String,
+    inflight: Arc<Mutex<HashMap<String, Flight>>>,
+}
+
+impl Drop for Leading {
+    fn drop(&mut self) {
+        let waiting = self.inflight.lock().remove(&self.key).unwrap_or_default();
+        waiting.iter().for_each(|signal| signal.notify());
+    }
+}
+
+/// A miss waiting for the first miss of its key to store the response.
+struct Follower {
+    cache: Arc<Cache>,
+    key: String,
+    signal: Arc<Signal>,
+}
+
+impl PendingResponse for Follower {
+    fn fd(&self) -> RawFd {
+        self.signal.fd()
+    }
+
+    fn timeout(&self) -> Duration {
+        self.cache.coalesce_wait
+    }
+
+    fn poll(&mut self, req: &Request, _client: &mut Downstream, ctx: &mut Context) -> Option<Resumed> {
+        Some(self.cache.after_wait(&self.key, req, ctx))
+    }
+
+    fn timed_out(self: Box<Self>, req: &Request, ctx: &mut Context) -> Resumed {
+        self.cache.after_wait(&self.key, req, ctx)
+    }
 }
 
 /// A response being stored as it streams to the client.
@@ -189,7 +247,7 @@ fn http_date(headers: &Headers, name: &str) -> Option<SystemTime> {
     headers.get_str(name).and_then(|v| httpdate::parse_http_date(v.trim()).ok())
 }
 
-impl Module for Cache {
+impl Module for Arc<Cache> {
     fn handle(&self, req: &mut Request, _downstream: &mut Downstream, ctx: &mut Context) -> Flow {
         let host = req.host().unwrap_or_default().to_owned();
         let key = cache_key(&host, &req.target);
@@ -218,6 +276,11 @@ impl Module for Cache {
             ctx.put(State::Hit);
             return Flow::Respond(Response::text(504, "not in cache (only-if-cached)"));
         }
+        if req.method == "GET" && status != "request" {
+            if let Some(follower) = self.coalesce(&key, ctx) {
+                return Flow::Await(Box::new(follower));
+            }
+        }
         ctx.put(State::Miss { key, status });
         Flow::Continue
     }
@@ -241,7 +304,10 @@ impl Module for Cache {
                     ctx.put(Capture { key, entry });
                     self.mark(resp, &format!("fwd={status}; stored"), false);
                 }
-                None => self.mark(resp, &format!("fwd={status}"), false),
+                None => {
+                    ctx.take::<Leading>(); // nothing to wait for: let the others go
+                    self.mark(resp, &format!("fwd={status}"), false);
+                }
             },
         }
     }
@@ -261,6 +327,7 @@ impl Module for Cache {
         self.store.insert(key, Arc::new(entry));
         // moka applies evictions lazily; keep the byte bound exact on every insert.
         self.store.run_pending_tasks();
+        ctx.take::<Leading>(); // stored: wake the misses waiting for it
     }
 }
 
@@ -317,6 +384,50 @@ fn same_host_key(host: &str, uri: &str) -> Option<String> {
 }
 
 impl Cache {
+    /// The first miss of a key leads (fetches); later ones follow: they wait
+    /// for it without a thread, woken by a signal. `None`: this one leads.
+    fn coalesce(self: &Arc<Self>, key: &str, ctx: &mut Context) -> Option<Follower> {
+        let mut inflight = self.inflight.lock();
+        match inflight.get_mut(key) {
+            Some(waiting) => {
+                let signal = Arc::new(Signal::new().ok()?);
+                waiting.push(signal.clone());
+                Some(Follower {
+                    cache: self.clone(),
+                    key: key.to_owned(),
+                    signal,
+                })
+            }
+            None => {
+                inflight.insert(key.to_owned(), Flight::new());
+                ctx.put(Leading {
+                    key: key.to_owned(),
+                    inflight: self.inflight.clone(),
+                });
+                None
+            }
+        }
+    }
+
+    /// After waiting for the leader: its stored response if it fits, else
+    /// on to the upstream (and perhaps into the cache) like any miss.
+    fn after_wait(&self, key: &str, req: &Request, ctx: &mut Context) -> Resumed {
+        let now = Instant::now();
+        let asked = Directives::parse(&req.headers);
+        match self.store.get(key) {
+            Some(entry) if entry.vary_matches(req) && servable(&entry, &asked, now) => {
+                Resumed::Respond(self.hit(&entry, req, now, ctx))
+            }
+            _ => {
+                ctx.put(State::Miss {
+                    key: key.to_owned(),
+                    status: "miss",
+                });
+                Resumed::Continue
+            }
+        }
+    }
+
     fn hit(&self, entry: &Entry, req: &Request, now: Instant, ctx: &mut Context) -> Response {
         let age = entry.age(now);
         let mut head = entry.head.clone();

@@ -426,3 +426,78 @@ fn conditional_requests_get_304_from_a_fresh_entry() {
     }
     assert_eq!(seen(&backend, "/c"), 1);
 }
+
+/// Sends `n` GETs for `path` at once; returns their bodies.
+fn concurrent_gets(proxy: &Proxy, path: &'static str, n: usize) -> Vec<String> {
+    let addr = proxy.addr;
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(n));
+    let clients: Vec<_> = (0..n)
+        .map(|_| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let mut client = Client::connect(addr);
+                barrier.wait();
+                client.send(format!("GET {path} HTTP/1.1\r\nHost: cache.test\r\n\r\n"));
+                let resp = client.response();
+                assert_eq!(resp.status, 200);
+                resp.text()
+            })
+        })
+        .collect();
+    clients.into_iter().map(|c| c.join().unwrap()).collect()
+}
+
+/// A backend that takes `delay` to answer, with the given Cache-Control.
+fn slow_backend(delay: Duration, cache_control: &'static str) -> Backend {
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    Backend::start(move |req| {
+        let n = hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        std::thread::sleep(delay);
+        response(
+            200,
+            &[("Cache-Control", cache_control)],
+            format!("{} #{n}", req.target).as_bytes(),
+        )
+    })
+}
+
+#[test]
+fn a_hundred_concurrent_misses_send_one_request_upstream() {
+    let backend = slow_backend(Duration::from_millis(300), "max-age=60");
+    let proxy = Proxy::start(backend.addr);
+    let bodies = concurrent_gets(&proxy, "/hot", 100);
+    assert_eq!(seen(&backend, "/hot"), 1);
+    assert!(bodies.iter().all(|b| b == "/hot #1"), "{bodies:?}");
+}
+
+#[test]
+fn coalesced_misses_wait_a_bounded_time_then_go_on_their_own() {
+    let backend = slow_backend(Duration::from_millis(800), "max-age=60");
+    let proxy = Proxy::with(
+        backend.addr,
+        Conf {
+            rest: "[modules.cache]\ncoalesce_wait = \"100ms\"",
+            ..Conf::default()
+        },
+    );
+    let bodies = concurrent_gets(&proxy, "/slow", 5);
+    assert_eq!(bodies.len(), 5);
+    assert!(
+        seen(&backend, "/slow") > 1,
+        "followers went upstream after 100ms"
+    );
+}
+
+#[test]
+fn when_the_first_response_is_not_storable_the_waiting_misses_go_upstream() {
+    let backend = slow_backend(Duration::from_millis(200), "private");
+    let proxy = Proxy::start(backend.addr);
+    let started = std::time::Instant::now();
+    let bodies = concurrent_gets(&proxy, "/mine", 10);
+    assert_eq!(bodies.len(), 10);
+    assert_eq!(seen(&backend, "/mine"), 10);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "followers waited the full coalesce_wait"
+    );
+}
