@@ -10,8 +10,9 @@
 //! Concurrent misses for one key are coalesced: the first goes upstream, the
 //! others wait (in epoll, not on a thread) for its response to be stored.
 //!
-//! Not yet: revalidation (so `no-cache` responses are not stored), stale-while-
-//! revalidate / stale-if-error, ranges, a disk tier, purge.
+//! A stale entry with a validator is revalidated (If-None-Match /
+//! If-Modified-Since); a 304 freshens it. stale-if-error serves it when the
+//! upstream fails. Not yet: stale-while-revalidate, ranges, a disk tier, purge.
 //! Client conditional requests are answered from fresh entries (304).
 
 use std::collections::HashMap;
@@ -102,9 +103,17 @@ struct Entry {
     corrected_initial_age: Duration,
     freshness: Duration,
     must_revalidate: bool,
+    /// Stored, but every use must be revalidated first (`no-cache`).
+    no_cache: bool,
+    /// Seconds past freshness it may still be served when the upstream fails.
+    stale_if_error: Option<u64>,
 }
 
 impl Entry {
+    fn validators(&self) -> bool {
+        self.head.headers.contains("etag") || self.head.headers.contains("last-modified")
+    }
+
     /// current_age (§4.2.3).
     fn age(&self, now: Instant) -> Duration {
         self.corrected_initial_age + now.saturating_duration_since(self.response_time)
@@ -124,8 +133,15 @@ impl Entry {
 enum State {
     /// Answered from the cache.
     Hit,
-    /// Forwarded; the response may be stored under `key`.
-    Miss { key: String, status: &'static str },
+    /// Forwarded; the response may be stored under `key`. `stale`: what is
+    /// stored but could not be used, kept for a 304 (`revalidating`: we asked
+    /// the upstream with its validator) or an error (stale-if-error).
+    Miss {
+        key: String,
+        status: &'static str,
+        stale: Option<Arc<Entry>>,
+        revalidating: bool,
+    },
     /// Forwarded without using or storing anything (`no-store` asked).
     Bypass,
     /// An unsafe method: a successful response invalidates these.
@@ -195,6 +211,7 @@ struct Directives {
     min_fresh: Option<u64>,
     /// `Some(None)`: any staleness is acceptable.
     max_stale: Option<Option<u64>>,
+    stale_if_error: Option<u64>,
 }
 
 impl Directives {
@@ -218,6 +235,7 @@ impl Directives {
                 "s-maxage" => d.s_maxage = seconds,
                 "min-fresh" => d.min_fresh = seconds,
                 "max-stale" => d.max_stale = Some(seconds),
+                "stale-if-error" => d.stale_if_error = seconds,
                 _ => {}
             }
         }
@@ -281,34 +299,65 @@ impl Module for Arc<Cache> {
                 return Flow::Await(Box::new(follower));
             }
         }
-        ctx.put(State::Miss { key, status });
+        let stale = stored.filter(|entry| matches!(status, "stale" | "request") && entry.vary_matches(req));
+        // Revalidate with our validator (§4.3.1), unless the client asks its own
+        // question: then a 304 would be about the client's copy, not ours.
+        let own_conditional = req.headers.contains("if-none-match") || req.headers.contains("if-modified-since");
+        let revalidating = !own_conditional && stale.as_ref().is_some_and(|entry| entry.validators());
+        if let Some(entry) = stale.as_ref().filter(|_| revalidating) {
+            if let Some(etag) = entry.head.headers.get("etag") {
+                req.headers.set("If-None-Match", etag);
+            } else if let Some(modified) = entry.head.headers.get("last-modified") {
+                req.headers.set("If-Modified-Since", modified);
+            }
+        }
+        ctx.put(State::Miss {
+            key,
+            status,
+            stale,
+            revalidating,
+        });
         Flow::Continue
     }
 
-    fn on_response(&self, req: &Request, resp: &mut ResponseHead, ctx: &mut Context) {
+    fn on_response(&self, req: &Request, resp: &mut Response, ctx: &mut Context) {
         match ctx.take::<State>() {
             None | Some(State::Hit) => {}
-            Some(State::Bypass) => self.mark(resp, "fwd=request", false),
+            Some(State::Bypass) => self.mark(&mut resp.head, "fwd=request", false),
             Some(State::Invalidate { host, key }) => {
-                if resp.status < 400 {
+                if resp.head.status < 400 {
                     self.store.invalidate(&key);
                     for name in ["location", "content-location"] {
-                        if let Some(key) = resp.headers.get_str(name).and_then(|uri| same_host_key(&host, uri)) {
+                        if let Some(key) = resp.head.headers.get_str(name).and_then(|uri| same_host_key(&host, uri)) {
                             self.store.invalidate(&key);
                         }
                     }
                 }
             }
-            Some(State::Miss { key, status }) => match self.storable(req, resp, ctx.started) {
-                Some(entry) => {
-                    ctx.put(Capture { key, entry });
-                    self.mark(resp, &format!("fwd={status}; stored"), false);
+            Some(State::Miss {
+                key,
+                status,
+                stale,
+                revalidating,
+            }) => {
+                if let Some(stale) = stale {
+                    if let Some(answer) = self.answer_from_stale(&key, &stale, revalidating, req, resp, ctx) {
+                        ctx.take::<Leading>(); // stored or served: wake the misses waiting
+                        *resp = answer;
+                        return;
+                    }
                 }
-                None => {
-                    ctx.take::<Leading>(); // nothing to wait for: let the others go
-                    self.mark(resp, &format!("fwd={status}"), false);
+                match self.storable(req, &resp.head, ctx.started) {
+                    Some(entry) => {
+                        ctx.put(Capture { key, entry });
+                        self.mark(&mut resp.head, &format!("fwd={status}; stored"), false);
+                    }
+                    None => {
+                        ctx.take::<Leading>(); // nothing to wait for: let the others go
+                        self.mark(&mut resp.head, &format!("fwd={status}"), false);
+                    }
                 }
-            },
+            }
         }
     }
 
@@ -333,6 +382,9 @@ impl Module for Arc<Cache> {
 
 /// May a stored response answer a request with these directives now (§4.2, §5.2.1)?
 fn servable(entry: &Entry, asked: &Directives, now: Instant) -> bool {
+    if entry.no_cache {
+        return false;
+    }
     let age = entry.age(now);
     if asked.max_age.is_some_and(|max| age > Duration::from_secs(max)) {
         return false;
@@ -422,6 +474,8 @@ impl Cache {
                 ctx.put(State::Miss {
                     key: key.to_owned(),
                     status: "miss",
+                    stale: None,
+                    revalidating: false,
                 });
                 Resumed::Continue
             }
@@ -429,14 +483,18 @@ impl Cache {
     }
 
     fn hit(&self, entry: &Entry, req: &Request, now: Instant, ctx: &mut Context) -> Response {
-        let age = entry.age(now);
-        let mut head = entry.head.clone();
-        head.headers.set("Age", age.as_secs().to_string());
-        let ttl = entry.freshness.as_secs() as i64 - age.as_secs() as i64;
-        self.mark(&mut head, &format!("hit; ttl={ttl}"), true);
+        let ttl = entry.freshness.as_secs() as i64 - entry.age(now).as_secs() as i64;
         ctx.put(State::Hit);
-        let body = if not_modified(&entry.head, req) {
-            // The client's copy is current (§4.3.2): 304, no body.
+        self.serve(entry, Some(req), now, &format!("hit; ttl={ttl}"), true)
+    }
+
+    /// A stored response as the client gets it: with its Age, or as 304 when
+    /// the client's conditional request (if any) finds its copy current (§4.3.2).
+    fn serve(&self, entry: &Entry, client: Option<&Request>, now: Instant, status: &str, hit: bool) -> Response {
+        let mut head = entry.head.clone();
+        head.headers.set("Age", entry.age(now).as_secs().to_string());
+        self.mark(&mut head, status, hit);
+        let body = if client.is_some_and(|req| not_modified(&entry.head, req)) {
             head.status = 304;
             head.reason = None;
             head.headers.remove("content-length");
@@ -445,6 +503,55 @@ impl Cache {
             Body::Bytes(entry.body.clone())
         };
         Response { head, body }
+    }
+
+    /// A forwarded request that had a stale entry behind it: a 304 to our
+    /// revalidation freshens and serves the entry (§4.3.4); a server error
+    /// serves it stale if stale-if-error allows. `None`: use the response.
+    fn answer_from_stale(
+        &self,
+        key: &str,
+        stale: &Entry,
+        revalidating: bool,
+        req: &Request,
+        resp: &Response,
+        ctx: &Context,
+    ) -> Option<Response> {
+        let now = Instant::now();
+        let upstream = resp.head.status;
+        // When revalidating, the conditional in `req` is ours, not the client's.
+        let client = (!revalidating).then_some(req);
+        if upstream == 304 && revalidating {
+            let fresh = Arc::new(self.freshen(stale, &resp.head, ctx.started)?);
+            self.store.insert(key.to_owned(), fresh.clone());
+            self.store.run_pending_tasks();
+            return Some(self.serve(&fresh, client, now, "fwd=stale; fwd-status=304; stored", false));
+        }
+        let window = stale.stale_if_error.or(Directives::parse(&req.headers).stale_if_error)?;
+        let staleness = stale.age(now).saturating_sub(stale.freshness);
+        (upstream >= 500 && staleness <= Duration::from_secs(window))
+            .then(|| self.serve(stale, client, now, &format!("fwd=stale; fwd-status={upstream}"), true))
+    }
+
+    /// The stored response updated with a 304's fields (§4.3.4): new
+    /// freshness, same body.
+    fn freshen(&self, stale: &Entry, not_modified: &ResponseHead, request_time: Instant) -> Option<Entry> {
+        let mut head = stale.head.clone();
+        let updated: Vec<(Vec<u8>, Vec<u8>)> = not_modified
+            .headers
+            .iter()
+            .filter(|(name, _)| !name.eq_ignore_ascii_case(b"content-length"))
+            .map(|(n, v)| (n.to_vec(), v.to_vec()))
+            .collect();
+        head.headers.retain(|name, _| !updated.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)));
+        for (name, value) in &updated {
+            head.headers.append(name, value);
+        }
+        let mut entry = self.entry_for(&head, request_time)?;
+        entry.body = stale.body.clone();
+        entry.vary = stale.vary.clone();
+        entry.head.headers.set("Content-Length", entry.body.len().to_string());
+        Some(entry)
     }
 
     /// Cache-Status (RFC 9211), and the X-Cache-style header if configured.
@@ -462,7 +569,7 @@ impl Cache {
             return None;
         }
         let said = Directives::parse(&resp.headers);
-        if said.no_store || said.private || said.no_cache || Directives::parse(&req.headers).no_store {
+        if said.no_store || said.private || Directives::parse(&req.headers).no_store {
             return None;
         }
         if resp.headers.contains("set-cookie") || resp.headers.list("vary").any(|v| v == b"*") {
@@ -476,6 +583,24 @@ impl Cache {
             return None;
         }
 
+        let mut entry = self.entry_for(resp, request_time)?;
+        entry.vary = resp
+            .headers
+            .list("vary")
+            .map(|name| {
+                let name = String::from_utf8_lossy(name).to_ascii_lowercase();
+                let value = vary_value(req, &name);
+                (name, value)
+            })
+            .collect();
+        Some(entry)
+    }
+
+    /// A response as an entry: its freshness lifetime (§4.2.1) and age
+    /// bookkeeping (§4.2.3). `None` when it would be stale at once and has no
+    /// validator to revalidate it with, so storing it is useless.
+    fn entry_for(&self, resp: &ResponseHead, request_time: Instant) -> Option<Entry> {
+        let said = Directives::parse(&resp.headers);
         let now_wall = SystemTime::now();
         let date = http_date(&resp.headers, "date").unwrap_or(now_wall);
         let freshness = match (said.s_maxage.or(said.max_age), resp.headers.get("expires")) {
@@ -484,18 +609,18 @@ impl Cache {
             (None, Some(_)) => http_date(&resp.headers, "expires")
                 .and_then(|expires| expires.duration_since(date).ok())
                 .unwrap_or_default(),
-            (None, None) if heuristically_cacheable(resp.status) => {
-                let modified = http_date(&resp.headers, "last-modified")?;
-                let age = date.duration_since(modified).ok()?;
-                age.mul_f64(self.heuristic_fraction).min(self.heuristic_max)
-            }
+            (None, None) if heuristically_cacheable(resp.status) => http_date(&resp.headers, "last-modified")
+                .and_then(|modified| date.duration_since(modified).ok())
+                .map(|age| age.mul_f64(self.heuristic_fraction).min(self.heuristic_max))
+                .unwrap_or_default(),
             (None, None) => return None,
         };
-        if freshness.is_zero() {
+        let validators = resp.headers.contains("etag") || resp.headers.contains("last-modified");
+        if (freshness.is_zero() || said.no_cache) && !validators {
             return None;
         }
 
-        // §4.2.3: how old the response already was when it reached us.
+        // How old the response already was when it reached us.
         let response_time = Instant::now();
         let apparent_age = now_wall.duration_since(date).unwrap_or_default();
         let age_value = resp.headers.get_str("age").and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0);
@@ -505,23 +630,16 @@ impl Cache {
         let mut head = resp.clone();
         head.headers.remove("age");
         head.headers.remove("cache-status");
-        let vary = resp
-            .headers
-            .list("vary")
-            .map(|name| {
-                let name = String::from_utf8_lossy(name).to_ascii_lowercase();
-                let value = vary_value(req, &name);
-                (name, value)
-            })
-            .collect();
         Some(Entry {
             head,
             body: Vec::new(),
-            vary,
+            vary: Vec::new(),
             response_time,
             corrected_initial_age,
             freshness,
             must_revalidate: said.must_revalidate,
+            no_cache: said.no_cache,
+            stale_if_error: said.stale_if_error,
         })
     }
 }

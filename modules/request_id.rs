@@ -5,8 +5,8 @@
 
 use serde::Deserialize;
 
-use crate::http::{Request, ResponseHead};
-use crate::pipeline::{BuildEnv, Context, Downstream, Flow, Module};
+use crate::http::Request;
+use crate::pipeline::{BuildEnv, Context, Downstream, Flow, Module, Response};
 
 /// First, so every later stage and log line has the id.
 pub const PRIORITY: i32 = 0;
@@ -71,7 +71,7 @@ impl Module for RequestId {
         Flow::Continue
     }
 
-    fn on_response(&self, _req: &Request, resp: &mut ResponseHead, ctx: &mut Context) {
-        resp.headers.set(&self.header, &ctx.request_id);
+    fn on_response(&self, _req: &Request, resp: &mut Response, ctx: &mut Context) {
+        resp.head.headers.set(&self.header, &ctx.request_id);
     }
 }

@@ -35,8 +35,10 @@ pub trait Module: Send + Sync {
     fn handle(&self, req: &mut Request, downstream: &mut Downstream, ctx: &mut Context) -> Flow;
 
     /// Response phase, in reverse order, for every stage whose `handle` ran:
-    /// a stage sees the response produced by the stages after it.
-    fn on_response(&self, _req: &Request, _resp: &mut ResponseHead, _ctx: &mut Context) {}
+    /// a stage sees the response produced by the stages after it and may
+    /// change it or put another in its place (a cache answering a 304 or an
+    /// error with what it stored).
+    fn on_response(&self, _req: &Request, _resp: &mut Response, _ctx: &mut Context) {}
 
     /// Each piece of response body as it streams to the client, in stream
     /// order, for the stages that saw `on_response` (a cache tees here).
@@ -266,9 +268,8 @@ impl Pipeline {
     /// Runs the response phase over the first `ran` stages, last first.
     pub fn on_response(&self, ran: usize, req: &Request, resp: &mut Response, ctx: &mut Context) {
         for stage in self.stages[..ran].iter().rev() {
-            if let Err(failed) = guarded(stage, ctx, |ctx| {
-                stage.module.on_response(req, &mut resp.head, ctx)
-            }) {
+            if let Err(failed) = guarded(stage, ctx, |ctx| stage.module.on_response(req, resp, ctx))
+            {
                 *resp = failed.into();
                 return;
             }

@@ -501,3 +501,157 @@ fn when_the_first_response_is_not_storable_the_waiting_misses_go_upstream() {
         "followers waited the full coalesce_wait"
     );
 }
+
+/// A backend whose first answer is `first`; later ones are 304 when the
+/// request carries `If-None-Match: "v1"`, else `later`.
+fn revalidating_backend(first: &'static str, later_status: u16, later_cc: &'static str) -> Backend {
+    Backend::start(move |req| {
+        let conditional = req.header("if-none-match") == Some("\"v1\"");
+        let n = req.header("x-n").unwrap_or("0");
+        match (n, conditional) {
+            ("0", _) => response(
+                200,
+                &[("Cache-Control", first), ("ETag", "\"v1\"")],
+                b"version one",
+            ),
+            (_, true) => response(
+                304,
+                &[
+                    ("Cache-Control", later_cc),
+                    ("ETag", "\"v1\""),
+                    ("X-Fresh", "yes"),
+                ],
+                b"",
+            ),
+            _ => response(later_status, &[("Cache-Control", later_cc)], b"later"),
+        }
+    })
+}
+
+#[test]
+fn a_stale_entry_is_revalidated_and_a_304_freshens_it() {
+    let backend = revalidating_backend("max-age=1", 200, "max-age=60");
+    let proxy = Proxy::start(backend.addr);
+    fetch(&proxy, "/r", "X-N: 0\r\n");
+    std::thread::sleep(Duration::from_millis(2100));
+    let revalidated = fetch(&proxy, "/r", "X-N: 1\r\n");
+    assert_eq!(revalidated.status, 200);
+    assert_eq!(
+        revalidated.text(),
+        "version one",
+        "the stored body, not the 304's"
+    );
+    assert_eq!(
+        revalidated.header("x-fresh"),
+        Some("yes"),
+        "fields updated from the 304"
+    );
+    assert_eq!(
+        revalidated.header("cache-status"),
+        Some("proxycache; fwd=stale; fwd-status=304; stored")
+    );
+    let last = backend.last();
+    assert_eq!(
+        last.header("if-none-match"),
+        Some("\"v1\""),
+        "the proxy asked with its validator"
+    );
+    // Fresh again for 60 s: no more upstream requests.
+    let hit = fetch(&proxy, "/r", "X-N: 2\r\n");
+    assert!(hit.header("cache-status").unwrap().contains("hit"));
+    assert_eq!(seen(&backend, "/r"), 2);
+}
+
+#[test]
+fn no_cache_responses_with_a_validator_are_revalidated_on_every_use() {
+    let backend = revalidating_backend("no-cache", 200, "no-cache");
+    let proxy = Proxy::start(backend.addr);
+    fetch(&proxy, "/nc", "X-N: 0\r\n");
+    for n in 1..=3 {
+        let resp = fetch(&proxy, "/nc", &format!("X-N: {n}\r\n"));
+        assert_eq!(resp.text(), "version one");
+        assert_eq!(backend.last().header("if-none-match"), Some("\"v1\""));
+    }
+    assert_eq!(seen(&backend, "/nc"), 4);
+}
+
+#[test]
+fn a_changed_response_replaces_the_stale_entry() {
+    let backend = revalidating_backend("max-age=1", 200, "max-age=60");
+    let proxy = Proxy::start(backend.addr);
+    fetch(&proxy, "/changed", "X-N: 0\r\n");
+    std::thread::sleep(Duration::from_millis(2100));
+    // The client asks its own question: passed on, our copy is not freshened by it.
+    let resp = fetch(&proxy, "/changed", "X-N: 1\r\nIf-None-Match: \"other\"\r\n");
+    assert_eq!(resp.text(), "later");
+    assert_eq!(
+        fetch(&proxy, "/changed", "X-N: 2\r\n").text(),
+        "later",
+        "the new response was stored"
+    );
+}
+
+#[test]
+fn stale_if_error_serves_the_stale_entry_when_the_upstream_fails() {
+    let backend = revalidating_backend("max-age=1, stale-if-error=60", 503, "no-store");
+    let proxy = Proxy::start(backend.addr);
+    fetch(&proxy, "/sie", "X-N: 0\r\n");
+    std::thread::sleep(Duration::from_millis(2100));
+    // The upstream answers 503 (our conditional is dropped here: it sends a different ETag check).
+    let resp = fetch(&proxy, "/sie", "X-N: 1\r\nIf-None-Match: \"x\"\r\n");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.text(), "version one");
+    assert_eq!(
+        resp.header("cache-status"),
+        Some("proxycache; fwd=stale; fwd-status=503")
+    );
+
+    // Without stale-if-error the error goes through.
+    let plain = revalidating_backend("max-age=1", 503, "no-store");
+    let proxy = Proxy::start(plain.addr);
+    fetch(&proxy, "/e", "X-N: 0\r\n");
+    std::thread::sleep(Duration::from_millis(2100));
+    assert_eq!(
+        fetch(&proxy, "/e", "X-N: 1\r\nIf-None-Match: \"x\"\r\n").status,
+        503
+    );
+    // ...unless the request allows it.
+    let allowed = fetch(
+        &proxy,
+        "/e",
+        "X-N: 1\r\nIf-None-Match: \"x\"\r\nCache-Control: stale-if-error=60\r\n",
+    );
+    assert_eq!(allowed.status, 200);
+}
+
+#[test]
+fn stale_if_error_covers_an_unreachable_upstream() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let backend_thread = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+        read_request(&mut reader).unwrap();
+        let mut stream = stream;
+        std::io::Write::write_all(
+            &mut stream,
+            &response(
+                200,
+                &[("Cache-Control", "max-age=1, stale-if-error=60")],
+                b"kept",
+            ),
+        )
+        .unwrap();
+        // Then the upstream goes away: listener and connection close.
+    });
+    let proxy = Proxy::start(addr);
+    assert_eq!(fetch(&proxy, "/down", "").text(), "kept");
+    backend_thread.join().unwrap();
+    std::thread::sleep(Duration::from_millis(2100));
+    let resp = fetch(&proxy, "/down", "");
+    assert_eq!(resp.text(), "kept");
+    assert_eq!(
+        resp.header("cache-status"),
+        Some("proxycache; fwd=stale; fwd-status=502")
+    );
+}
