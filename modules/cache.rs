@@ -12,7 +12,9 @@
 //!
 //! A stale entry with a validator is revalidated (If-None-Match /
 //! If-Modified-Since); a 304 freshens it. stale-if-error serves it when the
-//! upstream fails. Not yet: stale-while-revalidate, ranges, a disk tier, purge.
+//! upstream fails. Entries can be purged by key, prefix or tag (Surrogate-Key,
+//! Cache-Tag), also with a PURGE method from trusted clients.
+//! Not yet: stale-while-revalidate, ranges, a disk tier, warming.
 //! Client conditional requests are answered from fresh entries (304).
 
 use std::collections::HashMap;
@@ -26,6 +28,8 @@ use serde::Deserialize;
 
 use crate::config::Dur;
 use crate::http::{Headers, Request, ResponseHead};
+use ipnet::IpNet;
+
 use crate::pipeline::{Body, BuildEnv, Context, Downstream, Flow, Module, PendingResponse, Response, Resumed, Signal};
 
 /// After request_id (so hits carry an id), before proxy_core.
@@ -48,6 +52,9 @@ pub struct Settings {
     /// Concurrent misses for one key wait this long for the first one's
     /// response to be stored, then go upstream on their own.
     pub coalesce_wait: Dur,
+    /// Clients (addresses or CIDR networks) allowed the PURGE method; empty:
+    /// PURGE is not handled here and goes upstream like any method.
+    pub purge_from: Vec<String>,
 }
 
 impl Default for Settings {
@@ -59,6 +66,7 @@ impl Default for Settings {
             heuristic_max: Dur(Duration::from_secs(24 * 3600)),
             x_cache_header: String::new(),
             coalesce_wait: Dur(Duration::from_secs(5)),
+            purge_from: Vec::new(),
         }
     }
 }
@@ -67,6 +75,15 @@ pub fn build(settings: &Settings, _env: &BuildEnv) -> Result<Box<dyn Module>, St
     if !(0.0..=1.0).contains(&settings.heuristic_fraction) {
         return Err(format!("heuristic_fraction {} must be within 0..=1", settings.heuristic_fraction));
     }
+    let purge_from = settings
+        .purge_from
+        .iter()
+        .map(|net| {
+            net.parse::<IpNet>()
+                .or_else(|_| net.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| format!("purge_from: {net:?} is not an address or CIDR network"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let store = Store::builder()
         .max_capacity(settings.max_memory)
         .weigher(|key: &String, entry: &Arc<Entry>| (key.len() + entry.size()).try_into().unwrap_or(u32::MAX))
@@ -75,6 +92,7 @@ pub fn build(settings: &Settings, _env: &BuildEnv) -> Result<Box<dyn Module>, St
         store,
         inflight: Arc::default(),
         coalesce_wait: settings.coalesce_wait.0,
+        purge_from,
         max_object_size: settings.max_object_size,
         heuristic_fraction: settings.heuristic_fraction,
         heuristic_max: settings.heuristic_max.0,
@@ -82,11 +100,13 @@ pub fn build(settings: &Settings, _env: &BuildEnv) -> Result<Box<dyn Module>, St
     })))
 }
 
-struct Cache {
+/// The cache; its purge functions are for the admin API.
+pub struct Cache {
     store: Store<String, Arc<Entry>>,
     /// Keys being fetched by a first miss, with the misses waiting for it.
     inflight: Arc<Mutex<HashMap<String, Flight>>>,
     coalesce_wait: Duration,
+    purge_from: Vec<IpNet>,
     max_object_size: u64,
     heuristic_fraction: f64,
     heuristic_max: Duration,
@@ -107,6 +127,8 @@ struct Entry {
     no_cache: bool,
     /// Seconds past freshness it may still be served when the upstream fails.
     stale_if_error: Option<u64>,
+    /// Surrogate-Key / Cache-Tag values, for purging by tag.
+    tags: Vec<String>,
 }
 
 impl Entry {
@@ -269,6 +291,10 @@ impl Module for Arc<Cache> {
     fn handle(&self, req: &mut Request, _downstream: &mut Downstream, ctx: &mut Context) -> Flow {
         let host = req.host().unwrap_or_default().to_owned();
         let key = cache_key(&host, &req.target);
+        if req.method == "PURGE" && !self.purge_from.is_empty() {
+            ctx.put(State::Hit);
+            return Flow::Respond(self.purge_request(req, &key, ctx));
+        }
         if matches!(req.method.as_str(), "POST" | "PUT" | "DELETE" | "PATCH") {
             ctx.put(State::Invalidate { host, key });
             return Flow::Continue;
@@ -435,7 +461,62 @@ fn same_host_key(host: &str, uri: &str) -> Option<String> {
         .then(|| cache_key(host, if path.is_empty() { "/" } else { path }))
 }
 
+/// Surrogate-Key (space-separated) and Cache-Tag (comma-separated) values.
+fn tags(resp: &ResponseHead) -> Vec<String> {
+    let surrogate = resp.headers.get_all("surrogate-key").flat_map(|v| v.split(|b| b.is_ascii_whitespace()));
+    surrogate
+        .chain(resp.headers.list("cache-tag"))
+        .filter(|tag| !tag.is_empty())
+        .map(|tag| String::from_utf8_lossy(tag).into_owned())
+        .collect()
+}
+
 impl Cache {
+    /// Removes the entry stored under `key` (as `http://host/path?query`).
+    pub fn purge_key(&self, key: &str) -> usize {
+        self.purge_if(|k, _| k == key)
+    }
+
+    /// Removes every entry whose key starts with `prefix`.
+    pub fn purge_prefix(&self, prefix: &str) -> usize {
+        self.purge_if(|k, _| k.starts_with(prefix))
+    }
+
+    /// Removes every entry tagged `tag` by Surrogate-Key or Cache-Tag.
+    pub fn purge_tag(&self, tag: &str) -> usize {
+        self.purge_if(|_, entry| entry.tags.iter().any(|t| t == tag))
+    }
+
+    fn purge_if(&self, doomed: impl Fn(&str, &Entry) -> bool) -> usize {
+        let keys: Vec<Arc<String>> = self.store.iter().filter(|(k, e)| doomed(k, e)).map(|(k, _)| k).collect();
+        for key in &keys {
+            self.store.invalidate(key.as_str());
+        }
+        self.store.run_pending_tasks();
+        keys.len()
+    }
+
+    /// PURGE from a trusted client: the target's entry; with `X-Purge: prefix`
+    /// every entry under it; with `X-Purge-Tag` every entry with those tags.
+    fn purge_request(&self, req: &Request, key: &str, ctx: &Context) -> Response {
+        let client = ctx.client_addr.ip();
+        if !self.purge_from.iter().any(|net| net.contains(&client)) {
+            log::warn!("{} PURGE from {client} refused: not in cache.purge_from", ctx.request_id);
+            return Response::text(403, "PURGE not allowed from this address");
+        }
+        let purged = if let Some(tags) = req.headers.get_str("x-purge-tag") {
+            tags.split([' ', ',']).filter(|t| !t.is_empty()).map(|tag| self.purge_tag(tag)).sum()
+        } else if req.headers.get("x-purge").is_some_and(|v| v.eq_ignore_ascii_case(b"prefix")) {
+            self.purge_prefix(key)
+        } else {
+            self.purge_key(key)
+        };
+        log::info!("{} PURGE {} from {client}: {purged} entries", ctx.request_id, req.target);
+        let mut resp = Response::text(200, &format!("purged {purged}"));
+        resp.head.headers.append("X-Purged", purged.to_string());
+        resp
+    }
+
     /// The first miss of a key leads (fetches); later ones follow: they wait
     /// for it without a thread, woken by a signal. `None`: this one leads.
     fn coalesce(self: &Arc<Self>, key: &str, ctx: &mut Context) -> Option<Follower> {
@@ -640,6 +721,7 @@ impl Cache {
             must_revalidate: said.must_revalidate,
             no_cache: said.no_cache,
             stale_if_error: said.stale_if_error,
+            tags: tags(resp),
         })
     }
 }

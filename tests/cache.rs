@@ -655,3 +655,121 @@ fn stale_if_error_covers_an_unreachable_upstream() {
         Some("proxycache; fwd=stale; fwd-status=502")
     );
 }
+
+fn purge(proxy: &Proxy, path: &str, extra: &str) -> Resp {
+    request(
+        proxy.addr,
+        &format!("PURGE {path} HTTP/1.1\r\nHost: cache.test\r\n{extra}\r\n"),
+    )
+}
+
+#[test]
+fn purge_by_key_prefix_and_tag_from_trusted_clients() {
+    let backend = backend(|path| {
+        let tags = if path.starts_with("/shop/") {
+            "product shop"
+        } else {
+            "other"
+        };
+        h(&[
+            ("Cache-Control", "max-age=60"),
+            ("Surrogate-Key", tags),
+            ("Cache-Tag", "all, site"),
+        ])
+    });
+    let proxy = Proxy::with(
+        backend.addr,
+        Conf {
+            rest: "[modules.cache]\npurge_from = [\"127.0.0.0/8\"]",
+            ..Conf::default()
+        },
+    );
+    let paths = ["/a", "/shop/1", "/shop/2", "/b"];
+    let warm = || {
+        for path in paths {
+            fetch(&proxy, path, "");
+        }
+    };
+    let counts = || paths.map(|p| seen(&backend, p));
+    warm();
+    warm();
+    assert_eq!(counts(), [1, 1, 1, 1]);
+
+    let one = purge(&proxy, "/a", "");
+    assert_eq!((one.status, one.header("x-purged")), (200, Some("1")));
+    warm();
+    assert_eq!(counts(), [2, 1, 1, 1], "by key");
+
+    assert_eq!(
+        purge(&proxy, "/shop/", "X-Purge: prefix\r\n").header("x-purged"),
+        Some("2")
+    );
+    warm();
+    assert_eq!(counts(), [2, 2, 2, 1], "by prefix");
+
+    assert_eq!(
+        purge(&proxy, "/", "X-Purge-Tag: product\r\n").header("x-purged"),
+        Some("2")
+    );
+    warm();
+    assert_eq!(counts(), [2, 3, 3, 1], "by Surrogate-Key tag");
+
+    assert_eq!(
+        purge(&proxy, "/", "X-Purge-Tag: site\r\n").header("x-purged"),
+        Some("4")
+    );
+    warm();
+    assert_eq!(counts(), [3, 4, 4, 2], "by Cache-Tag");
+    assert!(
+        backend.recorded().iter().all(|r| r.method == "GET"),
+        "PURGE never went upstream"
+    );
+}
+
+#[test]
+fn purge_is_refused_to_untrusted_clients_and_forwarded_when_off() {
+    let backend = backend(|_| h(&[("Cache-Control", "max-age=60")]));
+    let mut proxy = Proxy::with(
+        backend.addr,
+        Conf {
+            rest: "[modules.cache]\npurge_from = [\"10.0.0.0/8\"]",
+            ..Conf::default()
+        },
+    );
+    fetch(&proxy, "/p", "");
+    assert_eq!(purge(&proxy, "/p", "").status, 403);
+    proxy.wait_for_log("PURGE from 127.0.0.1 refused");
+    fetch(&proxy, "/p", "");
+    assert_eq!(seen(&backend, "/p"), 1, "nothing was purged");
+
+    let off = Proxy::start(backend.addr);
+    purge(&off, "/p", "");
+    assert_eq!(
+        backend.last().method,
+        "PURGE",
+        "with purge_from empty, PURGE is just a method"
+    );
+}
+
+#[test]
+fn a_bad_purge_from_entry_names_the_module_and_key() {
+    let backend = backend(|_| h(&[]));
+    let dir = TempDir::new();
+    let path = dir.0.join("config.toml");
+    std::fs::write(
+        &path,
+        format!("[server]\nlisten_addr = \"127.0.0.1:0\"\nbackend_addr = \"{}\"\n[modules.cache]\npurge_from = [\"not-a-net\"]\n", backend.addr),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_proxycache"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("module `cache`: purge_from: \"not-a-net\""),
+        "{text}"
+    );
+}
