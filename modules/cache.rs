@@ -14,7 +14,8 @@
 //! If-Modified-Since); a 304 freshens it. stale-if-error serves it when the
 //! upstream fails. Entries can be purged by key, prefix or tag (Surrogate-Key,
 //! Cache-Tag), also with a PURGE method from trusted clients.
-//! Not yet: stale-while-revalidate, ranges, a disk tier, warming.
+//! Single byte ranges are served from complete entries (206/416).
+//! Not yet: stale-while-revalidate, a disk tier, warming.
 //! Client conditional requests are answered from fresh entries (304).
 
 use std::collections::HashMap;
@@ -443,6 +444,41 @@ fn not_modified(stored: &ResponseHead, req: &Request) -> bool {
     }
 }
 
+/// The single byte range a GET asks of a stored 200 (RFC 9110 §14):
+/// `None` to send it whole (no Range, several ranges, a failed If-Range, not
+/// bytes), `Some(None)` when unsatisfiable, else the inclusive range.
+fn requested_range(entry: &Entry, req: &Request) -> Option<Option<(usize, usize)>> {
+    if req.method != "GET" || entry.head.status != 200 {
+        return None;
+    }
+    let spec = req.headers.get_str("range")?.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
+    }
+    if let Some(validator) = req.headers.get("if-range") {
+        // Strong comparison for an entity tag, exact match for a date.
+        let etag_matches = !validator.starts_with(b"W/") && entry.head.headers.get("etag") == Some(validator);
+        let date_matches = entry.head.headers.get("last-modified") == Some(validator);
+        if !(etag_matches || date_matches) {
+            return None;
+        }
+    }
+    let total = entry.body.len();
+    let (first, last) = spec.split_once('-')?;
+    let range = match (first.trim(), last.trim()) {
+        ("", suffix) => {
+            let n: usize = suffix.parse().ok()?;
+            (n > 0 && total > 0).then(|| (total.saturating_sub(n), total - 1))
+        }
+        (first, last) => {
+            let first: usize = first.parse().ok()?;
+            let last = if last.is_empty() { usize::MAX } else { last.parse().ok()? };
+            (first <= last && first < total).then(|| (first, last.min(total - 1)))
+        }
+    };
+    Some(range)
+}
+
 /// Weak comparison of entity tags: equal opaque tags, W/ or not (RFC 9110 §8.8.3.2).
 fn weak_eq(a: &[u8], b: &[u8]) -> bool {
     let opaque = |t: &[u8]| t.strip_prefix(b"W/").unwrap_or(t).to_vec();
@@ -575,15 +611,33 @@ impl Cache {
         let mut head = entry.head.clone();
         head.headers.set("Age", entry.age(now).as_secs().to_string());
         self.mark(&mut head, status, hit);
-        let body = if client.is_some_and(|req| not_modified(&entry.head, req)) {
+        if client.is_some_and(|req| not_modified(&entry.head, req)) {
             head.status = 304;
             head.reason = None;
             head.headers.remove("content-length");
-            Body::Empty
-        } else {
-            Body::Bytes(entry.body.clone())
-        };
-        Response { head, body }
+            return Response { head, body: Body::Empty };
+        }
+        let total = entry.body.len();
+        match client.and_then(|req| requested_range(entry, req)) {
+            Some(Some((first, last))) => {
+                head.status = 206;
+                head.reason = None;
+                head.headers.set("Content-Range", format!("bytes {first}-{last}/{total}"));
+                Response {
+                    head,
+                    body: Body::Bytes(entry.body[first..=last].to_vec()),
+                }
+            }
+            Some(None) => {
+                let mut resp = Response::text(416, "range not satisfiable");
+                resp.head.headers.append("Content-Range", format!("bytes */{total}"));
+                resp
+            }
+            None => Response {
+                head,
+                body: Body::Bytes(entry.body.clone()),
+            },
+        }
     }
 
     /// A forwarded request that had a stale entry behind it: a 304 to our

@@ -773,3 +773,40 @@ fn a_bad_purge_from_entry_names_the_module_and_key() {
         "{text}"
     );
 }
+
+#[test]
+fn byte_ranges_are_served_from_a_complete_entry() {
+    let backend = Backend::start(|_| {
+        response(
+            200,
+            &[("Cache-Control", "max-age=60"), ("ETag", "\"r1\"")],
+            b"0123456789",
+        )
+    });
+    let proxy = Proxy::start(backend.addr);
+    fetch(&proxy, "/range", "");
+    for (range, status, body, content_range) in [
+        ("bytes=2-5", 206, "2345", Some("bytes 2-5/10")),
+        ("bytes=7-", 206, "789", Some("bytes 7-9/10")),
+        ("bytes=-3", 206, "789", Some("bytes 7-9/10")),
+        ("bytes=8-100", 206, "89", Some("bytes 8-9/10")),
+        ("bytes=0-1,4-5", 200, "0123456789", None),
+        ("items=0-1", 200, "0123456789", None),
+    ] {
+        let resp = fetch(&proxy, "/range", &format!("Range: {range}\r\n"));
+        assert_eq!(resp.status, status, "{range}");
+        assert_eq!(resp.text(), body, "{range}");
+        assert_eq!(resp.header("content-range"), content_range, "{range}");
+    }
+    let unsatisfiable = fetch(&proxy, "/range", "Range: bytes=10-\r\n");
+    assert_eq!(unsatisfiable.status, 416);
+    assert_eq!(unsatisfiable.header("content-range"), Some("bytes */10"));
+    let current = fetch(&proxy, "/range", "Range: bytes=0-0\r\nIf-Range: \"r1\"\r\n");
+    assert_eq!((current.status, current.text().as_str()), (206, "0"));
+    let changed = fetch(&proxy, "/range", "Range: bytes=0-0\r\nIf-Range: \"r0\"\r\n");
+    assert_eq!(
+        (changed.status, changed.text().as_str()),
+        (200, "0123456789")
+    );
+    assert_eq!(seen(&backend, "/range"), 1);
+}
