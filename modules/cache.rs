@@ -53,6 +53,14 @@ pub struct Settings {
     /// Concurrent misses for one key wait this long for the first one's
     /// response to be stored, then go upstream on their own.
     pub coalesce_wait: Dur,
+    /// Decide freshness by CDN-Cache-Control (RFC 9213), else
+    /// Surrogate-Control, when present, instead of Cache-Control; the latter
+    /// is not passed on to clients.
+    pub targeted_cache_control: bool,
+    /// What a cache key is made of, in order: any of scheme, host, path, query.
+    pub key: Vec<String>,
+    /// Request headers whose values are part of the key too.
+    pub key_headers: Vec<String>,
     /// Clients (addresses or CIDR networks) allowed the PURGE method; empty:
     /// PURGE is not handled here and goes upstream like any method.
     pub purge_from: Vec<String>,
@@ -67,6 +75,9 @@ impl Default for Settings {
             heuristic_max: Dur(Duration::from_secs(24 * 3600)),
             x_cache_header: String::new(),
             coalesce_wait: Dur(Duration::from_secs(5)),
+            targeted_cache_control: true,
+            key: ["scheme", "host", "path", "query"].map(String::from).to_vec(),
+            key_headers: Vec::new(),
             purge_from: Vec::new(),
         }
     }
@@ -76,6 +87,17 @@ pub fn build(settings: &Settings, _env: &BuildEnv) -> Result<Box<dyn Module>, St
     if !(0.0..=1.0).contains(&settings.heuristic_fraction) {
         return Err(format!("heuristic_fraction {} must be within 0..=1", settings.heuristic_fraction));
     }
+    let key = settings
+        .key
+        .iter()
+        .map(|part| match part.as_str() {
+            "scheme" => Ok(KeyPart::Scheme),
+            "host" => Ok(KeyPart::Host),
+            "path" => Ok(KeyPart::Path),
+            "query" => Ok(KeyPart::Query),
+            other => Err(format!("key: {other:?} is not one of scheme, host, path, query")),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let purge_from = settings
         .purge_from
         .iter()
@@ -93,6 +115,9 @@ pub fn build(settings: &Settings, _env: &BuildEnv) -> Result<Box<dyn Module>, St
         store,
         inflight: Arc::default(),
         coalesce_wait: settings.coalesce_wait.0,
+        targeted_cache_control: settings.targeted_cache_control,
+        key,
+        key_headers: settings.key_headers.iter().map(|h| h.to_ascii_lowercase()).collect(),
         purge_from,
         max_object_size: settings.max_object_size,
         heuristic_fraction: settings.heuristic_fraction,
@@ -107,11 +132,22 @@ pub struct Cache {
     /// Keys being fetched by a first miss, with the misses waiting for it.
     inflight: Arc<Mutex<HashMap<String, Flight>>>,
     coalesce_wait: Duration,
+    targeted_cache_control: bool,
+    key: Vec<KeyPart>,
+    key_headers: Vec<String>,
     purge_from: Vec<IpNet>,
     max_object_size: u64,
     heuristic_fraction: f64,
     heuristic_max: Duration,
     x_cache_header: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum KeyPart {
+    Scheme,
+    Host,
+    Path,
+    Query,
 }
 
 /// A stored response.
@@ -239,8 +275,12 @@ struct Directives {
 
 impl Directives {
     fn parse(headers: &Headers) -> Directives {
+        Directives::parse_field(headers, "cache-control")
+    }
+
+    fn parse_field(headers: &Headers, field: &str) -> Directives {
         let mut d = Directives::default();
-        for item in headers.list("cache-control") {
+        for item in headers.list(field) {
             let item = String::from_utf8_lossy(item);
             let (name, value) = match item.split_once('=') {
                 Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
@@ -270,9 +310,6 @@ impl Directives {
     }
 }
 
-fn cache_key(host: &str, target: &str) -> String {
-    format!("http://{}{target}", host.to_ascii_lowercase())
-}
 
 fn vary_value(req: &Request, name: &str) -> String {
     let values: Vec<String> = req.headers.get_all(name).map(|v| String::from_utf8_lossy(v).trim().to_owned()).collect();
@@ -291,7 +328,7 @@ fn http_date(headers: &Headers, name: &str) -> Option<SystemTime> {
 impl Module for Arc<Cache> {
     fn handle(&self, req: &mut Request, _downstream: &mut Downstream, ctx: &mut Context) -> Flow {
         let host = req.host().unwrap_or_default().to_owned();
-        let key = cache_key(&host, &req.target);
+        let key = self.key_for(&host, &req.target, &req.headers);
         if req.method == "PURGE" && !self.purge_from.is_empty() {
             ctx.put(State::Hit);
             return Flow::Respond(self.purge_request(req, &key, ctx));
@@ -355,8 +392,8 @@ impl Module for Arc<Cache> {
                 if resp.head.status < 400 {
                     self.store.invalidate(&key);
                     for name in ["location", "content-location"] {
-                        if let Some(key) = resp.head.headers.get_str(name).and_then(|uri| same_host_key(&host, uri)) {
-                            self.store.invalidate(&key);
+                        if let Some(target) = resp.head.headers.get_str(name).and_then(|uri| same_host_target(&host, uri)) {
+                            self.store.invalidate(&self.key_for(&host, target, &req.headers));
                         }
                     }
                 }
@@ -485,16 +522,16 @@ fn weak_eq(a: &[u8], b: &[u8]) -> bool {
     opaque(a) == opaque(crate::http::headers::trim(b))
 }
 
-/// The key of a Location / Content-Location URI on the same host (§4.4).
-fn same_host_key(host: &str, uri: &str) -> Option<String> {
+/// The target of a Location / Content-Location URI on the same host (§4.4).
+fn same_host_target<'u>(host: &str, uri: &'u str) -> Option<&'u str> {
     if uri.starts_with('/') {
-        return Some(cache_key(host, uri));
+        return Some(uri);
     }
     let rest = uri.strip_prefix("http://")?;
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     authority
         .eq_ignore_ascii_case(host)
-        .then(|| cache_key(host, if path.is_empty() { "/" } else { path }))
+        .then_some(if path.is_empty() { "/" } else { path })
 }
 
 /// Surrogate-Key (space-separated) and Cache-Tag (comma-separated) values.
@@ -508,7 +545,41 @@ fn tags(resp: &ResponseHead) -> Vec<String> {
 }
 
 impl Cache {
-    /// Removes the entry stored under `key` (as `http://host/path?query`).
+    /// The cache key: the configured parts (by default `http://host/path?query`),
+    /// then the values of the configured request headers.
+    fn key_for(&self, host: &str, target: &str, headers: &Headers) -> String {
+        let (path, query) = target.split_once('?').map_or((target, None), |(p, q)| (p, Some(q)));
+        let mut key = String::with_capacity(host.len() + target.len() + 8);
+        for part in &self.key {
+            match part {
+                KeyPart::Scheme => key.push_str("http://"),
+                KeyPart::Host => key.push_str(&host.to_ascii_lowercase()),
+                KeyPart::Path => key.push_str(path),
+                KeyPart::Query => {
+                    if let Some(query) = query {
+                        key.push('?');
+                        key.push_str(query);
+                    }
+                }
+            }
+        }
+        for name in &self.key_headers {
+            let values: Vec<_> = headers.get_all(name).map(String::from_utf8_lossy).collect();
+            key.push_str(&format!("\n{name}: {}", values.join(", ")));
+        }
+        key
+    }
+
+    /// What the response says to this cache: its targeted field if honoured
+    /// and present (CDN-Cache-Control, then Surrogate-Control), else Cache-Control.
+    fn response_directives(&self, headers: &Headers) -> Directives {
+        let targeted = ["cdn-cache-control", "surrogate-control"]
+            .into_iter()
+            .find(|field| self.targeted_cache_control && headers.contains(field));
+        Directives::parse_field(headers, targeted.unwrap_or("cache-control"))
+    }
+
+    /// Removes the entry stored under `key` (by default `http://host/path?query`).
     pub fn purge_key(&self, key: &str) -> usize {
         self.purge_if(|k, _| k == key)
     }
@@ -691,6 +762,9 @@ impl Cache {
 
     /// Cache-Status (RFC 9211), and the X-Cache-style header if configured.
     fn mark(&self, head: &mut ResponseHead, status: &str, hit: bool) {
+        if self.targeted_cache_control {
+            head.headers.remove("surrogate-control"); // meant for us, not for clients
+        }
         head.headers.append("Cache-Status", format!("proxycache; {status}"));
         if let Some(name) = &self.x_cache_header {
             head.headers.set(name, if hit { "HIT" } else { "MISS" });
@@ -703,7 +777,7 @@ impl Cache {
         if req.method != "GET" || resp.status < 200 || resp.status == 206 {
             return None;
         }
-        let said = Directives::parse(&resp.headers);
+        let said = self.response_directives(&resp.headers);
         if said.no_store || said.private || Directives::parse(&req.headers).no_store {
             return None;
         }
@@ -735,7 +809,7 @@ impl Cache {
     /// bookkeeping (§4.2.3). `None` when it would be stale at once and has no
     /// validator to revalidate it with, so storing it is useless.
     fn entry_for(&self, resp: &ResponseHead, request_time: Instant) -> Option<Entry> {
-        let said = Directives::parse(&resp.headers);
+        let said = self.response_directives(&resp.headers);
         let now_wall = SystemTime::now();
         let date = http_date(&resp.headers, "date").unwrap_or(now_wall);
         let freshness = match (said.s_maxage.or(said.max_age), resp.headers.get("expires")) {

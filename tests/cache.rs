@@ -810,3 +810,79 @@ fn byte_ranges_are_served_from_a_complete_entry() {
     );
     assert_eq!(seen(&backend, "/range"), 1);
 }
+
+#[test]
+fn cdn_cache_control_and_surrogate_control_speak_to_this_cache() {
+    let backend = backend(|path| match path {
+        "/cdn" => h(&[
+            ("Cache-Control", "no-store"),
+            ("CDN-Cache-Control", "max-age=60"),
+        ]),
+        _ => h(&[
+            ("Cache-Control", "private"),
+            ("Surrogate-Control", "max-age=60"),
+        ]),
+    });
+    let proxy = Proxy::start(backend.addr);
+    for path in ["/cdn", "/surrogate"] {
+        fetch(&proxy, path, "");
+        let hit = fetch(&proxy, path, "");
+        assert_eq!(seen(&backend, path), 1, "{path}");
+        assert_eq!(
+            hit.header("surrogate-control"),
+            None,
+            "{path}: Surrogate-Control reached the client"
+        );
+    }
+    let off = Proxy::with(
+        backend.addr,
+        Conf {
+            rest: "[modules.cache]\ntargeted_cache_control = false",
+            ..Conf::default()
+        },
+    );
+    fetch(&off, "/cdn", "");
+    fetch(&off, "/cdn", "");
+    assert_eq!(
+        seen(&backend, "/cdn"),
+        3,
+        "Cache-Control: no-store applies when targeted fields are ignored"
+    );
+}
+
+#[test]
+fn the_cache_key_is_configurable() {
+    let backend = backend(|_| h(&[("Cache-Control", "max-age=60")]));
+    let proxy = Proxy::with(
+        backend.addr,
+        Conf {
+            rest: "[modules.cache]\nkey = [\"host\", \"path\"]\nkey_headers = [\"X-Tenant\"]",
+            ..Conf::default()
+        },
+    );
+    let first = fetch(&proxy, "/k?a=1", "X-Tenant: red\r\n");
+    assert_eq!(
+        fetch(&proxy, "/k?a=2", "X-Tenant: red\r\n").text(),
+        first.text(),
+        "query is not in the key"
+    );
+    assert_eq!(backend.recorded().len(), 1);
+    fetch(&proxy, "/k?a=1", "X-Tenant: blue\r\n");
+    assert_eq!(
+        backend.recorded().len(),
+        2,
+        "the tenant header is in the key"
+    );
+
+    let dir = TempDir::new();
+    let path = dir.0.join("config.toml");
+    std::fs::write(&path, "[modules.cache]\nkey = [\"host\", \"fragment\"]\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_proxycache"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("module `cache`: key: \"fragment\""), "{text}");
+}
