@@ -61,6 +61,8 @@ pub struct Settings {
     pub key: Vec<String>,
     /// Request headers whose values are part of the key too.
     pub key_headers: Vec<String>,
+    /// Per-path rules, first match wins.
+    pub rules: Vec<Rule>,
     /// Clients (addresses or CIDR networks) allowed the PURGE method; empty:
     /// PURGE is not handled here and goes upstream like any method.
     pub purge_from: Vec<String>,
@@ -79,13 +81,40 @@ impl Default for Settings {
             key: ["scheme", "host", "path", "query"].map(String::from).to_vec(),
             key_headers: Vec::new(),
             purge_from: Vec::new(),
+            rules: Vec::new(),
         }
+    }
+}
+
+/// `[[modules.cache.rules]]`: requests to `host` (any if absent) whose path
+/// starts with `path_prefix` either bypass the cache or get a fixed `ttl`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    #[serde(default)]
+    pub host: Option<String>,
+    pub path_prefix: String,
+    /// Neither served from nor stored in the cache.
+    #[serde(default)]
+    pub bypass: bool,
+    /// Freshness lifetime instead of the response's own (its no-store,
+    /// private and Set-Cookie still keep it out).
+    #[serde(default)]
+    pub ttl: Option<Dur>,
+}
+
+impl Rule {
+    fn matches(&self, host: &str, target: &str) -> bool {
+        target.starts_with(&self.path_prefix) && self.host.as_ref().is_none_or(|h| h.eq_ignore_ascii_case(host))
     }
 }
 
 pub fn build(settings: &Settings, _env: &BuildEnv) -> Result<Box<dyn Module>, String> {
     if !(0.0..=1.0).contains(&settings.heuristic_fraction) {
         return Err(format!("heuristic_fraction {} must be within 0..=1", settings.heuristic_fraction));
+    }
+    if let Some(rule) = settings.rules.iter().find(|r| !r.path_prefix.starts_with('/')) {
+        return Err(format!("rules: path_prefix {:?} must start with /", rule.path_prefix));
     }
     let key = settings
         .key
@@ -118,6 +147,7 @@ pub fn build(settings: &Settings, _env: &BuildEnv) -> Result<Box<dyn Module>, St
         targeted_cache_control: settings.targeted_cache_control,
         key,
         key_headers: settings.key_headers.iter().map(|h| h.to_ascii_lowercase()).collect(),
+        rules: settings.rules.clone(),
         purge_from,
         max_object_size: settings.max_object_size,
         heuristic_fraction: settings.heuristic_fraction,
@@ -135,6 +165,7 @@ pub struct Cache {
     targeted_cache_control: bool,
     key: Vec<KeyPart>,
     key_headers: Vec<String>,
+    rules: Vec<Rule>,
     purge_from: Vec<IpNet>,
     max_object_size: u64,
     heuristic_fraction: f64,
@@ -201,8 +232,9 @@ enum State {
         stale: Option<Arc<Entry>>,
         revalidating: bool,
     },
-    /// Forwarded without using or storing anything (`no-store` asked).
-    Bypass,
+    /// Forwarded without using or storing anything: the client asked
+    /// (`no-store`: "request") or a rule says so ("bypass").
+    Bypass(&'static str),
     /// An unsafe method: a successful response invalidates these.
     Invalidate { host: String, key: String },
 }
@@ -340,9 +372,13 @@ impl Module for Arc<Cache> {
         if !matches!(req.method.as_str(), "GET" | "HEAD") {
             return Flow::Continue;
         }
+        if self.rule(&host, &req.target).is_some_and(|rule| rule.bypass) {
+            ctx.put(State::Bypass("bypass"));
+            return Flow::Continue;
+        }
         let asked = Directives::parse(&req.headers);
         if asked.no_store {
-            ctx.put(State::Bypass);
+            ctx.put(State::Bypass("request"));
             return Flow::Continue;
         }
         let stored = self.store.get(&key);
@@ -387,7 +423,7 @@ impl Module for Arc<Cache> {
     fn on_response(&self, req: &Request, resp: &mut Response, ctx: &mut Context) {
         match ctx.take::<State>() {
             None | Some(State::Hit) => {}
-            Some(State::Bypass) => self.mark(&mut resp.head, "fwd=request", false),
+            Some(State::Bypass(why)) => self.mark(&mut resp.head, &format!("fwd={why}"), false),
             Some(State::Invalidate { host, key }) => {
                 if resp.head.status < 400 {
                     self.store.invalidate(&key);
@@ -568,6 +604,27 @@ impl Cache {
             key.push_str(&format!("\n{name}: {}", values.join(", ")));
         }
         key
+    }
+
+    /// §4.2.1: s-maxage, max-age, Expires, else a heuristic for responses
+    /// cacheable by default. `None`: not storable without explicit freshness.
+    fn freshness_lifetime(&self, resp: &ResponseHead, said: &Directives, date: SystemTime) -> Option<Duration> {
+        Some(match (said.s_maxage.or(said.max_age), resp.headers.get("expires")) {
+            (Some(seconds), _) => Duration::from_secs(seconds),
+            // An Expires that does not parse (such as "0") means already expired.
+            (None, Some(_)) => http_date(&resp.headers, "expires")
+                .and_then(|expires| expires.duration_since(date).ok())
+                .unwrap_or_default(),
+            (None, None) if heuristically_cacheable(resp.status) => http_date(&resp.headers, "last-modified")
+                .and_then(|modified| date.duration_since(modified).ok())
+                .map(|age| age.mul_f64(self.heuristic_fraction).min(self.heuristic_max))
+                .unwrap_or_default(),
+            (None, None) => return None,
+        })
+    }
+
+    fn rule(&self, host: &str, target: &str) -> Option<&Rule> {
+        self.rules.iter().find(|rule| rule.matches(host, target))
     }
 
     /// What the response says to this cache: its targeted field if honoured
@@ -753,7 +810,7 @@ impl Cache {
         for (name, value) in &updated {
             head.headers.append(name, value);
         }
-        let mut entry = self.entry_for(&head, request_time)?;
+        let mut entry = self.entry_for(&head, request_time, None)?;
         entry.body = stale.body.clone();
         entry.vary = stale.vary.clone();
         entry.head.headers.set("Content-Length", entry.body.len().to_string());
@@ -792,7 +849,8 @@ impl Cache {
             return None;
         }
 
-        let mut entry = self.entry_for(resp, request_time)?;
+        let ttl = self.rule(req.host().unwrap_or_default(), &req.target).and_then(|rule| rule.ttl);
+        let mut entry = self.entry_for(resp, request_time, ttl.map(|t| t.0))?;
         entry.vary = resp
             .headers
             .list("vary")
@@ -808,21 +866,13 @@ impl Cache {
     /// A response as an entry: its freshness lifetime (§4.2.1) and age
     /// bookkeeping (§4.2.3). `None` when it would be stale at once and has no
     /// validator to revalidate it with, so storing it is useless.
-    fn entry_for(&self, resp: &ResponseHead, request_time: Instant) -> Option<Entry> {
+    fn entry_for(&self, resp: &ResponseHead, request_time: Instant, ttl: Option<Duration>) -> Option<Entry> {
         let said = self.response_directives(&resp.headers);
         let now_wall = SystemTime::now();
         let date = http_date(&resp.headers, "date").unwrap_or(now_wall);
-        let freshness = match (said.s_maxage.or(said.max_age), resp.headers.get("expires")) {
-            (Some(seconds), _) => Duration::from_secs(seconds),
-            // An Expires that does not parse (such as "0") means already expired.
-            (None, Some(_)) => http_date(&resp.headers, "expires")
-                .and_then(|expires| expires.duration_since(date).ok())
-                .unwrap_or_default(),
-            (None, None) if heuristically_cacheable(resp.status) => http_date(&resp.headers, "last-modified")
-                .and_then(|modified| date.duration_since(modified).ok())
-                .map(|age| age.mul_f64(self.heuristic_fraction).min(self.heuristic_max))
-                .unwrap_or_default(),
-            (None, None) => return None,
+        let freshness = match ttl {
+            Some(ttl) => ttl,
+            None => self.freshness_lifetime(resp, &said, date)?,
         };
         let validators = resp.headers.contains("etag") || resp.headers.contains("last-modified");
         if (freshness.is_zero() || said.no_cache) && !validators {

@@ -886,3 +886,45 @@ fn the_cache_key_is_configurable() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("module `cache`: key: \"fragment\""), "{text}");
 }
+
+#[test]
+fn rules_bypass_the_cache_or_fix_the_ttl_per_path() {
+    let backend = backend(|_| h(&[("Cache-Control", "max-age=60")]));
+    let proxy = Proxy::with(
+        backend.addr,
+        Conf {
+            rest: "[[modules.cache.rules]]\npath_prefix = \"/api/\"\nbypass = true\n\
+                   [[modules.cache.rules]]\nhost = \"cache.test\"\npath_prefix = \"/static/\"\nttl = \"1h\"\n",
+            ..Conf::default()
+        },
+    );
+    fetch(&proxy, "/api/x", "");
+    let bypassed = fetch(&proxy, "/api/x", "");
+    assert_eq!(
+        bypassed.header("cache-status"),
+        Some("proxycache; fwd=bypass")
+    );
+    assert_eq!(seen(&backend, "/api/x"), 2);
+
+    // The backend says nothing about freshness here; the rule stores it for an hour.
+    let quiet = Backend::start(|req| response(200, &[], req.target.as_bytes()));
+    let proxy = Proxy::with(
+        quiet.addr,
+        Conf {
+            rest: "[[modules.cache.rules]]\npath_prefix = \"/static/\"\nttl = \"1h\"\n",
+            ..Conf::default()
+        },
+    );
+    fetch(&proxy, "/static/app.js", "");
+    let hit = fetch(&proxy, "/static/app.js", "");
+    assert!(
+        hit.header("cache-status").unwrap().contains("ttl=3599")
+            || hit.header("cache-status").unwrap().contains("ttl=3600")
+    );
+    fetch(&proxy, "/other", "");
+    fetch(&proxy, "/other", "");
+    assert_eq!(
+        (seen(&quiet, "/static/app.js"), seen(&quiet, "/other")),
+        (1, 2)
+    );
+}
