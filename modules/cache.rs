@@ -15,10 +15,12 @@
 //! upstream fails. Entries can be purged by key, prefix or tag (Surrogate-Key,
 //! Cache-Tag), also with a PURGE method from trusted clients.
 //! Single byte ranges are served from complete entries (206/416).
-//! Not yet: stale-while-revalidate, a disk tier, warming.
+//! Configured URLs are fetched at start (warming).
+//! Not yet: stale-while-revalidate, a disk tier.
 //! Client conditional requests are answered from fresh entries (304).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -63,6 +65,9 @@ pub struct Settings {
     pub key_headers: Vec<String>,
     /// Per-path rules, first match wins.
     pub rules: Vec<Rule>,
+    /// Absolute URLs (http://host/path) fetched through the proxy itself at
+    /// start, so they are cached before the first client asks.
+    pub warm: Vec<String>,
     /// Clients (addresses or CIDR networks) allowed the PURGE method; empty:
     /// PURGE is not handled here and goes upstream like any method.
     pub purge_from: Vec<String>,
@@ -82,6 +87,7 @@ impl Default for Settings {
             key_headers: Vec::new(),
             purge_from: Vec::new(),
             rules: Vec::new(),
+            warm: Vec::new(),
         }
     }
 }
@@ -116,6 +122,19 @@ pub fn build(settings: &Settings, _env: &BuildEnv) -> Result<Box<dyn Module>, St
     if let Some(rule) = settings.rules.iter().find(|r| !r.path_prefix.starts_with('/')) {
         return Err(format!("rules: path_prefix {:?} must start with /", rule.path_prefix));
     }
+    let warm = settings
+        .warm
+        .iter()
+        .map(|url| {
+            let rest = url.strip_prefix("http://").ok_or(format!("warm: {url:?} is not an http:// URL"))?;
+            let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            match (host.is_empty(), path.is_empty()) {
+                (true, _) => Err(format!("warm: {url:?} has no host")),
+                (false, true) => Ok((host.to_owned(), "/".to_owned())),
+                (false, false) => Ok((host.to_owned(), path.to_owned())),
+            }
+        })
+        .collect::<Result<Vec<_>, String>>()?;
     let key = settings
         .key
         .iter()
@@ -148,6 +167,7 @@ pub fn build(settings: &Settings, _env: &BuildEnv) -> Result<Box<dyn Module>, St
         key,
         key_headers: settings.key_headers.iter().map(|h| h.to_ascii_lowercase()).collect(),
         rules: settings.rules.clone(),
+        warm,
         purge_from,
         max_object_size: settings.max_object_size,
         heuristic_fraction: settings.heuristic_fraction,
@@ -166,6 +186,8 @@ pub struct Cache {
     key: Vec<KeyPart>,
     key_headers: Vec<String>,
     rules: Vec<Rule>,
+    /// (host, target) to fetch at start.
+    warm: Vec<(String, String)>,
     purge_from: Vec<IpNet>,
     max_object_size: u64,
     heuristic_fraction: f64,
@@ -461,6 +483,20 @@ impl Module for Arc<Cache> {
         }
     }
 
+    fn on_start(&self, listening: SocketAddr) {
+        if self.warm.is_empty() {
+            return;
+        }
+        let urls = self.warm.clone();
+        let spawned = std::thread::Builder::new().name("cache-warm".into()).spawn(move || {
+            let fetched = urls.iter().filter(|(host, target)| warm_one(listening, host, target)).count();
+            log::info!("cache warming: {fetched} of {} URLs fetched", urls.len());
+        });
+        if let Err(e) = spawned {
+            log::error!("cache warming not started: {e}");
+        }
+    }
+
     fn on_body_chunk(&self, chunk: &[u8], ctx: &mut Context) {
         let Some(capture) = ctx.get_mut::<Capture>() else { return };
         if (capture.entry.body.len() + chunk.len()) as u64 > self.max_object_size {
@@ -568,6 +604,27 @@ fn same_host_target<'u>(host: &str, uri: &'u str) -> Option<&'u str> {
     authority
         .eq_ignore_ascii_case(host)
         .then_some(if path.is_empty() { "/" } else { path })
+}
+
+/// One GET through the proxy's own listener, so it passes the whole pipeline
+/// (routes, this cache) like a client's. True if it was answered 200.
+fn warm_one(listening: SocketAddr, host: &str, target: &str) -> bool {
+    let fetch = || -> std::io::Result<bool> {
+        let mut stream = std::net::TcpStream::connect_timeout(&listening, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let request = format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: proxycache-warm\r\nConnection: close\r\n\r\n");
+        std::io::Write::write_all(&mut stream, request.as_bytes())?;
+        let mut response = Vec::new();
+        std::io::Read::read_to_end(&mut stream, &mut response)?;
+        Ok(response.starts_with(b"HTTP/1.1 200 "))
+    };
+    match fetch() {
+        Ok(ok) => ok,
+        Err(e) => {
+            log::warn!("cache warming: http://{host}{target}: {e}");
+            false
+        }
+    }
 }
 
 /// Surrogate-Key (space-separated) and Cache-Tag (comma-separated) values.

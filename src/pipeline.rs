@@ -44,6 +44,10 @@ pub trait Module: Send + Sync {
     /// order, for the stages that saw `on_response` (a cache tees here).
     fn on_body_chunk(&self, _chunk: &[u8], _ctx: &mut Context) {}
 
+    /// Once, when the server listens (`listening` is the bound address): for
+    /// work a module does outside requests, such as warming a cache.
+    fn on_start(&self, _listening: SocketAddr) {}
+
     /// The whole body has been shown to `on_body_chunk` (never called for a
     /// body cut short). Runs before its last bytes go to the client, so what
     /// a module records here is in place for the client's next request.
@@ -289,6 +293,15 @@ impl Pipeline {
             guarded(stage, ctx, |ctx| stage.module.on_body_chunk(chunk, ctx))?;
         }
         Ok(())
+    }
+
+    /// Tells every stage that the server listens on `addr`.
+    pub fn on_start(&self, addr: SocketAddr) {
+        for stage in &self.stages {
+            if catch_unwind(AssertUnwindSafe(|| stage.module.on_start(addr))).is_err() {
+                log::error!("module `{}` panicked at start", stage.name);
+            }
+        }
     }
 
     /// Tells the first `ran` stages that the body is complete.

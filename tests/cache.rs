@@ -928,3 +928,25 @@ fn rules_bypass_the_cache_or_fix_the_ttl_per_path() {
         (1, 2)
     );
 }
+
+#[test]
+fn configured_urls_are_warmed_at_start() {
+    let backend = backend(|_| h(&[("Cache-Control", "max-age=60")]));
+    let mut proxy = Proxy::with(
+        backend.addr,
+        Conf {
+            rest:
+                "[modules.cache]\nwarm = [\"http://cache.test/w1\", \"http://cache.test/w2?x=1\"]",
+            ..Conf::default()
+        },
+    );
+    proxy.wait_for_log("cache warming: 2 of 2 URLs fetched");
+    assert_eq!((seen(&backend, "/w1"), seen(&backend, "/w2?x=1")), (1, 1));
+    assert_eq!(backend.last().header("host"), Some("cache.test"));
+    let hit = fetch(&proxy, "/w1", "");
+    assert!(
+        hit.header("cache-status").unwrap().contains("hit"),
+        "{hit:?}"
+    );
+    assert_eq!(seen(&backend, "/w1"), 1);
+}

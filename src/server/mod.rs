@@ -139,6 +139,7 @@ impl Server {
             .iter()
             .map(|st| format!("{}({})", st.name, st.priority))
             .collect();
+        shared.pipeline.on_start(local_addr);
         log::info!(
             "listening on {local_addr}, forwarding to {} with {} workers; pipeline: {}",
             s.backend_addr,
