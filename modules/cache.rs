@@ -15,8 +15,9 @@
 //! upstream fails. Entries can be purged by key, prefix or tag (Surrogate-Key,
 //! Cache-Tag), also with a PURGE method from trusted clients.
 //! Single byte ranges are served from complete entries (206/416).
-//! Configured URLs are fetched at start (warming).
-//! Not yet: stale-while-revalidate, a disk tier.
+//! Configured URLs are fetched at start (warming); stale-while-revalidate
+//! serves a stale entry while a request through the proxy refreshes it.
+//! Not yet: a disk tier.
 //! Client conditional requests are answered from fresh entries (304).
 
 use std::collections::HashMap;
@@ -168,6 +169,8 @@ pub fn build(settings: &Settings, _env: &BuildEnv) -> Result<Box<dyn Module>, St
         key_headers: settings.key_headers.iter().map(|h| h.to_ascii_lowercase()).collect(),
         rules: settings.rules.clone(),
         warm,
+        listening: std::sync::OnceLock::new(),
+        refreshing: Arc::default(),
         purge_from,
         max_object_size: settings.max_object_size,
         heuristic_fraction: settings.heuristic_fraction,
@@ -188,6 +191,10 @@ pub struct Cache {
     rules: Vec<Rule>,
     /// (host, target) to fetch at start.
     warm: Vec<(String, String)>,
+    /// Our own address, for warming and background refreshes.
+    listening: std::sync::OnceLock<SocketAddr>,
+    /// Keys being refreshed in the background (stale-while-revalidate).
+    refreshing: Arc<Mutex<std::collections::HashSet<String>>>,
     purge_from: Vec<IpNet>,
     max_object_size: u64,
     heuristic_fraction: f64,
@@ -217,6 +224,8 @@ struct Entry {
     no_cache: bool,
     /// Seconds past freshness it may still be served when the upstream fails.
     stale_if_error: Option<u64>,
+    /// Seconds past freshness it may still be served while refreshed in the background.
+    stale_while_revalidate: Option<u64>,
     /// Surrogate-Key / Cache-Tag values, for purging by tag.
     tags: Vec<String>,
 }
@@ -325,6 +334,7 @@ struct Directives {
     /// `Some(None)`: any staleness is acceptable.
     max_stale: Option<Option<u64>>,
     stale_if_error: Option<u64>,
+    stale_while_revalidate: Option<u64>,
 }
 
 impl Directives {
@@ -353,6 +363,7 @@ impl Directives {
                 "min-fresh" => d.min_fresh = seconds,
                 "max-stale" => d.max_stale = Some(seconds),
                 "stale-if-error" => d.stale_if_error = seconds,
+                "stale-while-revalidate" => d.stale_while_revalidate = seconds,
                 _ => {}
             }
         }
@@ -410,6 +421,11 @@ impl Module for Arc<Cache> {
             None => "miss",
             Some(entry) if !entry.vary_matches(req) => "vary-miss",
             Some(entry) if servable(entry, &asked, now) => return Flow::Respond(self.hit(entry, req, now, ctx)),
+            Some(entry) if within_stale_while_revalidate(entry, now) => {
+                self.refresh_in_background(&key, &host, &req.target, entry);
+                ctx.put(State::Hit);
+                return Flow::Respond(self.serve(entry, Some(req), now, "hit; fwd=stale; detail=stale-while-revalidate", true));
+            }
             Some(_) => "stale",
         };
         if asked.only_if_cached {
@@ -484,6 +500,7 @@ impl Module for Arc<Cache> {
     }
 
     fn on_start(&self, listening: SocketAddr) {
+        let _ = self.listening.set(listening);
         if self.warm.is_empty() {
             return;
         }
@@ -606,13 +623,30 @@ fn same_host_target<'u>(host: &str, uri: &'u str) -> Option<&'u str> {
         .then_some(if path.is_empty() { "/" } else { path })
 }
 
+/// May a stale entry be served while it is refreshed (RFC 5861 §3)?
+fn within_stale_while_revalidate(entry: &Entry, now: Instant) -> bool {
+    let staleness = entry.age(now).saturating_sub(entry.freshness);
+    !entry.must_revalidate
+        && !entry.no_cache
+        && entry
+            .stale_while_revalidate
+            .is_some_and(|window| staleness <= Duration::from_secs(window))
+}
+
 /// One GET through the proxy's own listener, so it passes the whole pipeline
 /// (routes, this cache) like a client's. True if it was answered 200.
 fn warm_one(listening: SocketAddr, host: &str, target: &str) -> bool {
+    fetch_through(listening, host, target, "")
+}
+
+/// A GET through the proxy's own listener with `extra` header lines; true if answered 200.
+fn fetch_through(listening: SocketAddr, host: &str, target: &str, extra: &str) -> bool {
     let fetch = || -> std::io::Result<bool> {
         let mut stream = std::net::TcpStream::connect_timeout(&listening, Duration::from_secs(5))?;
         stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-        let request = format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: proxycache-warm\r\nConnection: close\r\n\r\n");
+        let request = format!(
+            "GET {target} HTTP/1.1\r\nHost: {host}\r\n{extra}User-Agent: proxycache\r\nConnection: close\r\n\r\n"
+        );
         std::io::Write::write_all(&mut stream, request.as_bytes())?;
         let mut response = Vec::new();
         std::io::Read::read_to_end(&mut stream, &mut response)?;
@@ -621,7 +655,7 @@ fn warm_one(listening: SocketAddr, host: &str, target: &str) -> bool {
     match fetch() {
         Ok(ok) => ok,
         Err(e) => {
-            log::warn!("cache warming: http://{host}{target}: {e}");
+            log::warn!("cache: fetching http://{host}{target} through the proxy: {e}");
             false
         }
     }
@@ -678,6 +712,30 @@ impl Cache {
                 .unwrap_or_default(),
             (None, None) => return None,
         })
+    }
+
+    /// Refreshes a stale entry with a request through the proxy itself
+    /// (`no-cache`: revalidate), once per key at a time, on its own thread.
+    fn refresh_in_background(&self, key: &str, host: &str, target: &str, entry: &Entry) {
+        let Some(&listening) = self.listening.get() else { return };
+        if !self.refreshing.lock().insert(key.to_owned()) {
+            return; // already on its way
+        }
+        // The same variant: the request headers the stored response varies on.
+        let mut extra = String::from("Cache-Control: no-cache\r\n");
+        for (name, value) in entry.vary.iter().filter(|(_, v)| !v.is_empty()) {
+            extra.push_str(&format!("{name}: {value}\r\n"));
+        }
+        let owned = (key.to_owned(), host.to_owned(), target.to_owned());
+        let refreshing = self.refreshing.clone();
+        let spawned = std::thread::Builder::new().name("cache-refresh".into()).spawn(move || {
+            let (key, host, target) = owned;
+            fetch_through(listening, &host, &target, &extra);
+            refreshing.lock().remove(&key);
+        });
+        if spawned.is_err() {
+            self.refreshing.lock().remove(key);
+        }
     }
 
     fn rule(&self, host: &str, target: &str) -> Option<&Rule> {
@@ -956,6 +1014,7 @@ impl Cache {
             must_revalidate: said.must_revalidate,
             no_cache: said.no_cache,
             stale_if_error: said.stale_if_error,
+            stale_while_revalidate: said.stale_while_revalidate,
             tags: tags(resp),
         })
     }

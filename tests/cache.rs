@@ -950,3 +950,43 @@ fn configured_urls_are_warmed_at_start() {
     );
     assert_eq!(seen(&backend, "/w1"), 1);
 }
+
+#[test]
+fn stale_while_revalidate_serves_stale_and_refreshes_in_the_background() {
+    let backend = backend(|_| {
+        h(&[
+            ("Cache-Control", "max-age=1, stale-while-revalidate=60"),
+            ("Vary", "Accept"),
+        ])
+    });
+    let proxy = Proxy::start(backend.addr);
+    assert_eq!(
+        fetch(&proxy, "/swr", "Accept: text/plain\r\n").text(),
+        "/swr #1"
+    );
+    std::thread::sleep(Duration::from_millis(2100));
+    let stale = fetch(&proxy, "/swr", "Accept: text/plain\r\n");
+    assert_eq!(stale.text(), "/swr #1", "served stale at once");
+    assert!(
+        stale.header("cache-status").unwrap().contains("fwd=stale"),
+        "{stale:?}"
+    );
+    // The refresh arrives in the background, for the same variant.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while seen(&backend, "/swr") < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no background refresh"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(backend.last().header("accept"), Some("text/plain"));
+    std::thread::sleep(Duration::from_millis(200));
+    let fresh = fetch(&proxy, "/swr", "Accept: text/plain\r\n");
+    assert_eq!(fresh.text(), "/swr #2");
+    assert!(
+        fresh.header("cache-status").unwrap().contains("hit; ttl="),
+        "{fresh:?}"
+    );
+    assert_eq!(seen(&backend, "/swr"), 2);
+}
