@@ -17,7 +17,8 @@
 //! Single byte ranges are served from complete entries (206/416).
 //! Configured URLs are fetched at start (warming); stale-while-revalidate
 //! serves a stale entry while a request through the proxy refreshes it.
-//! Not yet: a disk tier.
+//! An optional disk tier (a directory bounded in bytes) keeps entries across
+//! restarts: written through on store, read on a memory miss.
 //! Client conditional requests are answered from fresh entries (304).
 
 use std::collections::HashMap;
@@ -31,6 +32,7 @@ use parking_lot::Mutex;
 use serde::Deserialize;
 
 use crate::config::Dur;
+use crate::disk_store::DiskStore;
 use crate::http::{Headers, Request, ResponseHead};
 use ipnet::IpNet;
 
@@ -66,6 +68,10 @@ pub struct Settings {
     pub key_headers: Vec<String>,
     /// Per-path rules, first match wins.
     pub rules: Vec<Rule>,
+    /// A directory for a disk tier that survives restarts; "": memory only.
+    pub disk_dir: String,
+    /// Bytes the disk tier may hold; the oldest entries go first.
+    pub disk_max_bytes: u64,
     /// Absolute URLs (http://host/path) fetched through the proxy itself at
     /// start, so they are cached before the first client asks.
     pub warm: Vec<String>,
@@ -89,6 +95,8 @@ impl Default for Settings {
             purge_from: Vec::new(),
             rules: Vec::new(),
             warm: Vec::new(),
+            disk_dir: String::new(),
+            disk_max_bytes: 1 << 30,
         }
     }
 }
@@ -156,6 +164,13 @@ pub fn build(settings: &Settings, _env: &BuildEnv) -> Result<Box<dyn Module>, St
                 .map_err(|_| format!("purge_from: {net:?} is not an address or CIDR network"))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let disk = match settings.disk_dir.as_str() {
+        "" => None,
+        dir => Some(
+            DiskStore::open(std::path::Path::new(dir), settings.disk_max_bytes)
+                .map_err(|e| format!("disk_dir {dir:?}: {e}"))?,
+        ),
+    };
     let store = Store::builder()
         .max_capacity(settings.max_memory)
         .weigher(|key: &String, entry: &Arc<Entry>| (key.len() + entry.size()).try_into().unwrap_or(u32::MAX))
@@ -169,6 +184,7 @@ pub fn build(settings: &Settings, _env: &BuildEnv) -> Result<Box<dyn Module>, St
         key_headers: settings.key_headers.iter().map(|h| h.to_ascii_lowercase()).collect(),
         rules: settings.rules.clone(),
         warm,
+        disk,
         listening: std::sync::OnceLock::new(),
         refreshing: Arc::default(),
         purge_from,
@@ -191,6 +207,7 @@ pub struct Cache {
     rules: Vec<Rule>,
     /// (host, target) to fetch at start.
     warm: Vec<(String, String)>,
+    disk: Option<DiskStore>,
     /// Our own address, for warming and background refreshes.
     listening: std::sync::OnceLock<SocketAddr>,
     /// Keys being refreshed in the background (stale-while-revalidate).
@@ -414,7 +431,7 @@ impl Module for Arc<Cache> {
             ctx.put(State::Bypass("request"));
             return Flow::Continue;
         }
-        let stored = self.store.get(&key);
+        let stored = self.lookup(&key);
         let now = Instant::now();
         let status = match &stored {
             _ if asked.no_cache => "request",
@@ -464,10 +481,10 @@ impl Module for Arc<Cache> {
             Some(State::Bypass(why)) => self.mark(&mut resp.head, &format!("fwd={why}"), false),
             Some(State::Invalidate { host, key }) => {
                 if resp.head.status < 400 {
-                    self.store.invalidate(&key);
+                    self.forget(&key);
                     for name in ["location", "content-location"] {
                         if let Some(target) = resp.head.headers.get_str(name).and_then(|uri| same_host_target(&host, uri)) {
-                            self.store.invalidate(&self.key_for(&host, target, &req.headers));
+                            self.forget(&self.key_for(&host, target, &req.headers));
                         }
                     }
                 }
@@ -526,9 +543,7 @@ impl Module for Arc<Cache> {
     fn on_body_end(&self, ctx: &mut Context) {
         let Some(Capture { key, mut entry }) = ctx.take::<Capture>() else { return };
         entry.head.headers.set("Content-Length", entry.body.len().to_string());
-        self.store.insert(key, Arc::new(entry));
-        // moka applies evictions lazily; keep the byte bound exact on every insert.
-        self.store.run_pending_tasks();
+        self.save(key, Arc::new(entry));
         ctx.take::<Leading>(); // stored: wake the misses waiting for it
     }
 }
@@ -621,6 +636,68 @@ fn same_host_target<'u>(host: &str, uri: &'u str) -> Option<&'u str> {
     authority
         .eq_ignore_ascii_case(host)
         .then_some(if path.is_empty() { "/" } else { path })
+}
+
+/// What an entry keeps on disk besides its head and body: its age in
+/// wall-clock terms, so it stays right across a restart.
+#[derive(serde::Serialize, Deserialize)]
+struct DiskMeta {
+    /// When the entry's age was `initial_age_ms`, in ms since the epoch.
+    stored_at_ms: u64,
+    initial_age_ms: u64,
+    freshness_ms: u64,
+    must_revalidate: bool,
+    no_cache: bool,
+    stale_if_error: Option<u64>,
+    stale_while_revalidate: Option<u64>,
+    vary: Vec<(String, String)>,
+    tags: Vec<String>,
+}
+
+/// Disk form: u32 meta length, meta (JSON), the head as on the wire, the body.
+fn to_disk(entry: &Entry) -> Vec<u8> {
+    let now = SystemTime::now();
+    let age = entry.age(Instant::now());
+    let meta = DiskMeta {
+        stored_at_ms: now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis() as u64,
+        initial_age_ms: age.as_millis() as u64,
+        freshness_ms: entry.freshness.as_millis() as u64,
+        must_revalidate: entry.must_revalidate,
+        no_cache: entry.no_cache,
+        stale_if_error: entry.stale_if_error,
+        stale_while_revalidate: entry.stale_while_revalidate,
+        vary: entry.vary.clone(),
+        tags: entry.tags.clone(),
+    };
+    let meta = serde_json::to_vec(&meta).expect("plain data serialises");
+    let mut out = Vec::with_capacity(4 + meta.len() + 512 + entry.body.len());
+    out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+    out.extend_from_slice(&meta);
+    entry.head.write_to(&mut out);
+    out.extend_from_slice(&entry.body);
+    out
+}
+
+fn from_disk(bytes: &[u8]) -> Option<Entry> {
+    let meta_len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+    let meta: DiskMeta = serde_json::from_slice(bytes.get(4..4 + meta_len)?).ok()?;
+    let rest = &bytes[4 + meta_len..];
+    let (head, head_len) = crate::http::response::parse(rest, rest.len()).ok()??;
+    let stored_at = SystemTime::UNIX_EPOCH + Duration::from_millis(meta.stored_at_ms);
+    let since = SystemTime::now().duration_since(stored_at).unwrap_or_default();
+    Some(Entry {
+        head,
+        body: rest[head_len..].to_vec(),
+        vary: meta.vary,
+        response_time: Instant::now().checked_sub(since)?,
+        corrected_initial_age: Duration::from_millis(meta.initial_age_ms),
+        freshness: Duration::from_millis(meta.freshness_ms),
+        must_revalidate: meta.must_revalidate,
+        no_cache: meta.no_cache,
+        stale_if_error: meta.stale_if_error,
+        stale_while_revalidate: meta.stale_while_revalidate,
+        tags: meta.tags,
+    })
 }
 
 /// May a stale entry be served while it is refreshed (RFC 5861 §3)?
@@ -767,12 +844,55 @@ impl Cache {
     }
 
     fn purge_if(&self, doomed: impl Fn(&str, &Entry) -> bool) -> usize {
-        let keys: Vec<Arc<String>> = self.store.iter().filter(|(k, e)| doomed(k, e)).map(|(k, _)| k).collect();
-        for key in &keys {
-            self.store.invalidate(key.as_str());
+        let mut purged: std::collections::HashSet<String> = self
+            .store
+            .iter()
+            .filter(|(k, e)| doomed(k, e))
+            .map(|(k, _)| k.to_string())
+            .collect();
+        for key in &purged {
+            self.store.invalidate(key);
         }
         self.store.run_pending_tasks();
-        keys.len()
+        if let Some(disk) = &self.disk {
+            disk.retain(|key, bytes| {
+                let gone = from_disk(bytes).is_some_and(|entry| doomed(key, &entry));
+                if gone {
+                    purged.insert(key.to_owned());
+                }
+                !gone
+            });
+        }
+        purged.len()
+    }
+
+    /// The entry for `key`: from memory, else from the disk tier (then kept in memory).
+    fn lookup(&self, key: &str) -> Option<Arc<Entry>> {
+        if let Some(entry) = self.store.get(key) {
+            return Some(entry);
+        }
+        let entry = Arc::new(from_disk(&self.disk.as_ref()?.get(key)?)?);
+        self.store.insert(key.to_owned(), entry.clone());
+        Some(entry)
+    }
+
+    /// Stores an entry in memory, and on disk if there is a disk tier.
+    fn save(&self, key: String, entry: Arc<Entry>) {
+        if let Some(disk) = &self.disk {
+            if let Err(e) = disk.put(&key, &to_disk(&entry)) {
+                log::warn!("cache: cannot write {key} to the disk tier: {e}");
+            }
+        }
+        self.store.insert(key, entry);
+        // moka applies evictions lazily; keep the byte bound exact on every insert.
+        self.store.run_pending_tasks();
+    }
+
+    fn forget(&self, key: &str) {
+        self.store.invalidate(key);
+        if let Some(disk) = &self.disk {
+            disk.remove(key);
+        }
     }
 
     /// PURGE from a trusted client: the target's entry; with `X-Purge: prefix`
@@ -826,7 +946,7 @@ impl Cache {
     fn after_wait(&self, key: &str, req: &Request, ctx: &mut Context) -> Resumed {
         let now = Instant::now();
         let asked = Directives::parse(&req.headers);
-        match self.store.get(key) {
+        match self.lookup(key) {
             Some(entry) if entry.vary_matches(req) && servable(&entry, &asked, now) => {
                 Resumed::Respond(self.hit(&entry, req, now, ctx))
             }
@@ -901,8 +1021,7 @@ impl Cache {
         let client = (!revalidating).then_some(req);
         if upstream == 304 && revalidating {
             let fresh = Arc::new(self.freshen(stale, &resp.head, ctx.started)?);
-            self.store.insert(key.to_owned(), fresh.clone());
-            self.store.run_pending_tasks();
+            self.save(key.to_owned(), fresh.clone());
             return Some(self.serve(&fresh, client, now, "fwd=stale; fwd-status=304; stored", false));
         }
         let window = stale.stale_if_error.or(Directives::parse(&req.headers).stale_if_error)?;

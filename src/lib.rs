@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod demo;
+pub mod disk_store;
 pub mod http;
 pub mod logging;
 pub mod modules;

@@ -990,3 +990,47 @@ fn stale_while_revalidate_serves_stale_and_refreshes_in_the_background() {
     );
     assert_eq!(seen(&backend, "/swr"), 2);
 }
+
+#[test]
+fn the_disk_tier_keeps_a_warm_cache_across_a_restart() {
+    let backend = backend(|_| h(&[("Cache-Control", "max-age=600"), ("Surrogate-Key", "kept")]));
+    let dir = TempDir::new();
+    let conf = format!(
+        "[modules.cache]\ndisk_dir = \"{}\"\npurge_from = [\"127.0.0.1\"]",
+        dir.0.join("cache").display()
+    );
+    let mut first = Proxy::with(
+        backend.addr,
+        Conf {
+            rest: &conf,
+            ..Conf::default()
+        },
+    );
+    let original = fetch(&first, "/persist", "");
+    fetch(&first, "/gone", "");
+    first.signal("TERM");
+    first.child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+
+    let second = Proxy::with(
+        backend.addr,
+        Conf {
+            rest: &conf,
+            ..Conf::default()
+        },
+    );
+    let hit = fetch(&second, "/persist", "");
+    assert_eq!(hit.text(), original.text());
+    assert!(
+        hit.header("cache-status").unwrap().contains("hit"),
+        "{hit:?}"
+    );
+    let age: u64 = hit.header("age").unwrap().parse().unwrap();
+    assert!(age >= 1, "the age kept counting across the restart: {age}");
+    assert_eq!(seen(&backend, "/persist"), 1);
+
+    // A purge reaches entries that are only on disk.
+    assert_eq!(purge(&second, "/gone", "").header("x-purged"), Some("1"));
+    fetch(&second, "/gone", "");
+    assert_eq!(seen(&backend, "/gone"), 2);
+}
