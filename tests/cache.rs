@@ -1034,3 +1034,35 @@ fn the_disk_tier_keeps_a_warm_cache_across_a_restart() {
     fetch(&second, "/gone", "");
     assert_eq!(seen(&backend, "/gone"), 2);
 }
+
+#[test]
+fn a_streamed_response_that_turns_out_too_big_passes_through_unstored() {
+    // Chunked: no Content-Length to judge by until the body has streamed past the limit.
+    let backend = Backend::start(|_| {
+        let mut out =
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nTransfer-Encoding: chunked\r\n\r\n"
+                .to_vec();
+        for _ in 0..4 {
+            out.extend_from_slice(b"400\r\n");
+            out.extend_from_slice(&[b'z'; 0x400]);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"0\r\n\r\n");
+        out
+    });
+    let proxy = Proxy::with(
+        backend.addr,
+        Conf {
+            rest: "[modules.cache]\nmax_object_size = 3000",
+            ..Conf::default()
+        },
+    );
+    for _ in 0..2 {
+        assert_eq!(
+            fetch(&proxy, "/stream", "").body.len(),
+            4096,
+            "the client gets it all"
+        );
+    }
+    assert_eq!(seen(&backend, "/stream"), 2, "not stored");
+}
