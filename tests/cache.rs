@@ -753,21 +753,9 @@ fn purge_is_refused_to_untrusted_clients_and_forwarded_when_off() {
 
 #[test]
 fn a_bad_purge_from_entry_names_the_module_and_key() {
-    let backend = backend(|_| h(&[]));
-    let dir = TempDir::new();
-    let path = dir.0.join("config.toml");
-    std::fs::write(
-        &path,
-        format!("[server]\nlisten_addr = \"127.0.0.1:0\"\nbackend_addr = \"{}\"\n[modules.cache]\npurge_from = [\"not-a-net\"]\n", backend.addr),
-    )
-    .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_proxycache"))
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = refused_start(
+        "[server]\nlisten_addr = \"127.0.0.1:0\"\n[modules.cache]\npurge_from = [\"not-a-net\"]\n",
+    );
     assert!(
         text.contains("module `cache`: purge_from: \"not-a-net\""),
         "{text}"
@@ -874,16 +862,7 @@ fn the_cache_key_is_configurable() {
         "the tenant header is in the key"
     );
 
-    let dir = TempDir::new();
-    let path = dir.0.join("config.toml");
-    std::fs::write(&path, "[modules.cache]\nkey = [\"host\", \"fragment\"]\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_proxycache"))
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = refused_start("[server]\nlisten_addr = \"127.0.0.1:0\"\n[modules.cache]\nkey = [\"host\", \"fragment\"]\n");
     assert!(text.contains("module `cache`: key: \"fragment\""), "{text}");
 }
 

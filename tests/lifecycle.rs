@@ -52,21 +52,9 @@ fn check_config_accepts_the_shipped_file_and_names_key_and_line_of_mistakes() {
 
 #[test]
 fn a_module_that_fails_to_build_names_itself() {
-    let backend = Backend::ok("x");
-    let dir = TempDir::new();
-    let path = dir.0.join("config.toml");
-    std::fs::write(
-        &path,
-        format!("[server]\nlisten_addr = \"127.0.0.1:0\"\nbackend_addr = \"{}\"\n[modules.request_id]\nheader = \"bad header\"\n", backend.addr),
-    )
-    .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_proxycache"))
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = refused_start(
+        "[server]\nlisten_addr = \"127.0.0.1:0\"\n[modules.request_id]\nheader = \"bad header\"\n",
+    );
     assert!(text.contains("module `request_id`"), "{text}");
 }
 

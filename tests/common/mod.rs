@@ -158,6 +158,20 @@ impl Proxy {
     }
 }
 
+/// Runs the binary with `config`, expecting it to refuse to start; returns what it printed.
+pub fn refused_start(config: &str) -> String {
+    let dir = TempDir::new();
+    let path = dir.0.join("config.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_proxycache"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "started with {config:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
 impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
