@@ -33,6 +33,8 @@ use serde::Deserialize;
 
 use crate::config::Dur;
 use crate::disk_store::DiskStore;
+use crate::http::cache_control::Directives;
+use crate::http::conditional::{http_date, not_modified, requested_range};
 use crate::http::{Headers, Request, ResponseHead};
 use ipnet::IpNet;
 
@@ -336,63 +338,6 @@ struct Capture {
     entry: Entry,
 }
 
-/// Cache-Control directives (RFC 9111 §5.2) that this cache acts on.
-#[derive(Default)]
-struct Directives {
-    no_store: bool,
-    no_cache: bool,
-    private: bool,
-    public: bool,
-    must_revalidate: bool,
-    only_if_cached: bool,
-    max_age: Option<u64>,
-    s_maxage: Option<u64>,
-    min_fresh: Option<u64>,
-    /// `Some(None)`: any staleness is acceptable.
-    max_stale: Option<Option<u64>>,
-    stale_if_error: Option<u64>,
-    stale_while_revalidate: Option<u64>,
-}
-
-impl Directives {
-    fn parse(headers: &Headers) -> Directives {
-        Directives::parse_field(headers, "cache-control")
-    }
-
-    fn parse_field(headers: &Headers, field: &str) -> Directives {
-        let mut d = Directives::default();
-        for item in headers.list(field) {
-            let item = String::from_utf8_lossy(item);
-            let (name, value) = match item.split_once('=') {
-                Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
-                None => (item.trim(), None),
-            };
-            let seconds = value.and_then(|v| v.parse::<u64>().ok());
-            match name.to_ascii_lowercase().as_str() {
-                "no-store" => d.no_store = true,
-                "no-cache" => d.no_cache = true,
-                "private" => d.private = true,
-                "public" => d.public = true,
-                "must-revalidate" | "proxy-revalidate" => d.must_revalidate = true,
-                "only-if-cached" => d.only_if_cached = true,
-                "max-age" => d.max_age = seconds,
-                "s-maxage" => d.s_maxage = seconds,
-                "min-fresh" => d.min_fresh = seconds,
-                "max-stale" => d.max_stale = Some(seconds),
-                "stale-if-error" => d.stale_if_error = seconds,
-                "stale-while-revalidate" => d.stale_while_revalidate = seconds,
-                _ => {}
-            }
-        }
-        // HTTP/1.0 clients say Pragma: no-cache (§5.4), when Cache-Control is absent.
-        if !headers.contains("cache-control") && headers.has_token("pragma", "no-cache") {
-            d.no_cache = true;
-        }
-        d
-    }
-}
-
-
 fn vary_value(req: &Request, name: &str) -> String {
     let values: Vec<String> = req.headers.get_all(name).map(|v| String::from_utf8_lossy(v).trim().to_owned()).collect();
     values.join(", ")
@@ -403,9 +348,6 @@ fn heuristically_cacheable(status: u16) -> bool {
     matches!(status, 200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501)
 }
 
-fn http_date(headers: &Headers, name: &str) -> Option<SystemTime> {
-    headers.get_str(name).and_then(|v| httpdate::parse_http_date(v.trim()).ok())
-}
 
 impl Module for Arc<Cache> {
     fn handle(&self, req: &mut Request, _downstream: &mut Downstream, ctx: &mut Context) -> Flow {
@@ -570,60 +512,6 @@ fn servable(entry: &Entry, asked: &Directives, now: Instant) -> bool {
             Some(Some(max)) => staleness <= Duration::from_secs(max),
             None => false,
         }
-}
-
-/// Would the client's conditional request get 304 from this stored response?
-/// If-None-Match (weak comparison) wins over If-Modified-Since (RFC 9110 §13.2.2).
-fn not_modified(stored: &ResponseHead, req: &Request) -> bool {
-    if req.headers.contains("if-none-match") {
-        let Some(etag) = stored.headers.get("etag") else { return false };
-        return req.headers.list("if-none-match").any(|tag| tag == b"*" || weak_eq(tag, etag));
-    }
-    match (http_date(&req.headers, "if-modified-since"), http_date(&stored.headers, "last-modified")) {
-        (Some(since), Some(modified)) => modified <= since,
-        _ => false,
-    }
-}
-
-/// The single byte range a GET asks of a stored 200 (RFC 9110 §14):
-/// `None` to send it whole (no Range, several ranges, a failed If-Range, not
-/// bytes), `Some(None)` when unsatisfiable, else the inclusive range.
-fn requested_range(entry: &Entry, req: &Request) -> Option<Option<(usize, usize)>> {
-    if req.method != "GET" || entry.head.status != 200 {
-        return None;
-    }
-    let spec = req.headers.get_str("range")?.trim().strip_prefix("bytes=")?;
-    if spec.contains(',') {
-        return None;
-    }
-    if let Some(validator) = req.headers.get("if-range") {
-        // Strong comparison for an entity tag, exact match for a date.
-        let etag_matches = !validator.starts_with(b"W/") && entry.head.headers.get("etag") == Some(validator);
-        let date_matches = entry.head.headers.get("last-modified") == Some(validator);
-        if !(etag_matches || date_matches) {
-            return None;
-        }
-    }
-    let total = entry.body.len();
-    let (first, last) = spec.split_once('-')?;
-    let range = match (first.trim(), last.trim()) {
-        ("", suffix) => {
-            let n: usize = suffix.parse().ok()?;
-            (n > 0 && total > 0).then(|| (total.saturating_sub(n), total - 1))
-        }
-        (first, last) => {
-            let first: usize = first.parse().ok()?;
-            let last = if last.is_empty() { usize::MAX } else { last.parse().ok()? };
-            (first <= last && first < total).then(|| (first, last.min(total - 1)))
-        }
-    };
-    Some(range)
-}
-
-/// Weak comparison of entity tags: equal opaque tags, W/ or not (RFC 9110 §8.8.3.2).
-fn weak_eq(a: &[u8], b: &[u8]) -> bool {
-    let opaque = |t: &[u8]| t.strip_prefix(b"W/").unwrap_or(t).to_vec();
-    opaque(a) == opaque(crate::http::headers::trim(b))
 }
 
 /// The target of a Location / Content-Location URI on the same host (§4.4).
@@ -981,7 +869,7 @@ impl Cache {
             return Response { head, body: Body::Empty };
         }
         let total = entry.body.len();
-        match client.and_then(|req| requested_range(entry, req)) {
+        match client.and_then(|req| requested_range(&entry.head, entry.body.len(), req)) {
             Some(Some((first, last))) => {
                 head.status = 206;
                 head.reason = None;

@@ -1,7 +1,9 @@
 //! HTTP/1.1 message syntax (RFC 9112): heads, body framing, serialisation.
 
 pub mod body;
+pub mod cache_control;
 pub mod chunked;
+pub mod conditional;
 pub mod headers;
 pub mod request;
 pub mod response;
