@@ -68,6 +68,9 @@ pub struct Settings {
     pub key: Vec<String>,
     /// Request headers whose values are part of the key too.
     pub key_headers: Vec<String>,
+    /// Request methods the cache answers: GET (stored and served) and HEAD
+    /// (served from a stored GET).
+    pub methods: Vec<String>,
     /// Per-path rules, first match wins.
     pub rules: Vec<Rule>,
     /// A directory for a disk tier that survives restarts; "": memory only.
@@ -95,6 +98,7 @@ impl Default for Settings {
             key: ["scheme", "host", "path", "query"].map(String::from).to_vec(),
             key_headers: Vec::new(),
             purge_from: Vec::new(),
+            methods: vec!["GET".into(), "HEAD".into()],
             rules: Vec::new(),
             warm: Vec::new(),
             disk_dir: String::new(),
@@ -129,6 +133,9 @@ impl Rule {
 pub fn build(settings: &Settings, _env: &BuildEnv) -> Result<Box<dyn Module>, String> {
     if !(0.0..=1.0).contains(&settings.heuristic_fraction) {
         return Err(format!("heuristic_fraction {} must be within 0..=1", settings.heuristic_fraction));
+    }
+    if let Some(method) = settings.methods.iter().find(|m| !matches!(m.as_str(), "GET" | "HEAD")) {
+        return Err(format!("methods: {method:?} cannot be cached; only \"GET\" and \"HEAD\""));
     }
     if let Some(rule) = settings.rules.iter().find(|r| !r.path_prefix.starts_with('/')) {
         return Err(format!("rules: path_prefix {:?} must start with /", rule.path_prefix));
@@ -184,6 +191,7 @@ pub fn build(settings: &Settings, _env: &BuildEnv) -> Result<Box<dyn Module>, St
         targeted_cache_control: settings.targeted_cache_control,
         key,
         key_headers: settings.key_headers.iter().map(|h| h.to_ascii_lowercase()).collect(),
+        methods: settings.methods.clone(),
         rules: settings.rules.clone(),
         warm,
         disk,
@@ -206,6 +214,7 @@ pub struct Cache {
     targeted_cache_control: bool,
     key: Vec<KeyPart>,
     key_headers: Vec<String>,
+    methods: Vec<String>,
     rules: Vec<Rule>,
     /// (host, target) to fetch at start.
     warm: Vec<(String, String)>,
@@ -361,7 +370,7 @@ impl Module for Arc<Cache> {
             ctx.put(State::Invalidate { host, key });
             return Flow::Continue;
         }
-        if !matches!(req.method.as_str(), "GET" | "HEAD") {
+        if !self.methods.contains(&req.method) {
             return Flow::Continue;
         }
         if self.rule(&host, &req.target).is_some_and(|rule| rule.bypass) {

@@ -1045,3 +1045,32 @@ fn a_streamed_response_that_turns_out_too_big_passes_through_unstored() {
     }
     assert_eq!(seen(&backend, "/stream"), 2, "not stored");
 }
+
+#[test]
+fn the_cached_methods_are_configurable() {
+    let backend = backend(|_| h(&[("Cache-Control", "max-age=60")]));
+    let proxy = Proxy::with(
+        backend.addr,
+        Conf {
+            rest: "[modules.cache]\nmethods = [\"GET\"]",
+            ..Conf::default()
+        },
+    );
+    fetch(&proxy, "/m", "");
+    request(
+        proxy.addr,
+        "HEAD /m HTTP/1.1\r\nHost: cache.test\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(
+        backend.last().method,
+        "HEAD",
+        "HEAD is not answered from the cache"
+    );
+    let text = refused_start(
+        "[server]\nlisten_addr = \"127.0.0.1:0\"\n[modules.cache]\nmethods = [\"GET\", \"POST\"]\n",
+    );
+    assert!(
+        text.contains("module `cache`: methods: \"POST\" cannot be cached"),
+        "{text}"
+    );
+}
