@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side load benchmark: Proxycache vs nginx vs HAProxy, all in front of
-# the same nginx backend, all on 127.0.0.1, driven by wrk one server at a time.
+# the same nginx backend, all on 127.0.0.1, driven by wrk one server at a time;
+# and, for cache hits, Proxycache vs Varnish.
 #
 # Usage (from the repo root):
 #   bash benches/load.sh                  # 10 s per measured run
@@ -12,8 +13,8 @@
 #   OUT              also write the Markdown report to this file
 #   PROXYCACHE_BIN   proxycache binary (default target/release/proxycache,
 #                    built with `cargo build --release` only if missing)
-#   BACKEND_PORT, PROXYCACHE_PORT, NGINX_PORT, HAPROXY_PORT
-#                    listen ports (default 18080..18083)
+#   BACKEND_PORT, PROXYCACHE_PORT, NGINX_PORT, HAPROXY_PORT, VARNISH_PORT
+#                    listen ports (default 18080..18084)
 #   IDLE_CONNS       keep-alive connections held open for the memory test (default 5000)
 #
 # Progress goes to stderr; the Markdown report goes to stdout.
@@ -26,15 +27,20 @@ BACKEND_PORT=${BACKEND_PORT:-18080}
 PROXYCACHE_PORT=${PROXYCACHE_PORT:-18081}
 NGINX_PORT=${NGINX_PORT:-18082}
 HAPROXY_PORT=${HAPROXY_PORT:-18083}
+VARNISH_PORT=${VARNISH_PORT:-18084}
 IDLE_CONNS=${IDLE_CONNS:-5000}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SERVERS=(backend proxycache nginx haproxy)
+# nginx and HAProxy do not cache as set up here: the cache-hit scenarios put
+# Proxycache beside Varnish, with the backend direct for reference.
+CACHE_SERVERS=(backend proxycache varnish)
 
 declare -A PORT=([backend]=$BACKEND_PORT [proxycache]=$PROXYCACHE_PORT
-                 [nginx]=$NGINX_PORT [haproxy]=$HAPROXY_PORT)
+                 [nginx]=$NGINX_PORT [haproxy]=$HAPROXY_PORT [varnish]=$VARNISH_PORT)
 declare -A PID=()   # server name -> pid of the process we started
 declare -A LOG=()   # server name -> its log file
 declare -A RES=()   # "scenario|server|field" -> parsed wrk value
+WARN=()             # lines the report must show, e.g. a cache that missed
 
 log() { printf '[load] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -63,21 +69,28 @@ trap 'exit 130' INT TERM
 # --- setup -------------------------------------------------------------------
 
 install_tools() {
-    local missing=() sudo=""
+    local missing=() sudo="" policy=/usr/sbin/policy-rc.d ours=""
     command -v nginx >/dev/null || missing+=(nginx)
     command -v haproxy >/dev/null || missing+=(haproxy)
     command -v wrk >/dev/null || missing+=(wrk)
+    command -v varnishd >/dev/null || missing+=(varnish)
+    command -v curl >/dev/null || missing+=(curl)
     command -v python3 >/dev/null || missing+=(python3)
     [[ ${#missing[@]} -eq 0 ]] && return
     [[ $EUID -ne 0 ]] && sudo=sudo
     log "installing ${missing[*]}"
     $sudo apt-get update -qq
-    # Debian's postinst would start the packaged services on ports 80/443; we
-    # never talk to them, but do not let them start in the first place.
-    printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
-    $sudo chmod +x /usr/sbin/policy-rc.d
+    # Debian's postinst would start the packaged services on ports 80/443
+    # (Varnish on 6081); we never talk to them, but do not let them start in
+    # the first place. A policy already in place (Docker images ship one) is
+    # left as it is.
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+        $sudo chmod +x "$policy"
+        ours=1
+    fi
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >&2
-    $sudo rm -f /usr/sbin/policy-rc.d
+    if [[ -n $ours ]]; then $sudo rm -f "$policy"; fi
 }
 
 find_proxycache() {
@@ -158,6 +171,15 @@ start_backend() {
         root $WORK;
         location = / { return 200 "hello world\n"; }
         location = /64k { }
+        # Cacheable for an hour, for the cache-hit scenarios.
+        location = /cached {
+            add_header Cache-Control "max-age=3600" always;
+            return 200 "hello world\n";
+        }
+        location = /cached64k {
+            alias $WORK/64k;
+            add_header Cache-Control "max-age=3600" always;
+        }
         # Like a real upload handler, read the whole body before answering.
         # (A plain "return 200" answers before the body has arrived; nginx as
         # a streaming proxy then closes the client connection after each
@@ -253,6 +275,28 @@ EOF
     wait_ready haproxy
 }
 
+# Varnish with nothing but its built-in VCL logic, which caches what
+# Cache-Control allows, in memory. -F keeps the manager in the foreground, so
+# PID is the manager, and its TERM also stops the cache child it forks.
+start_varnish() {
+    require_free_port "$VARNISH_PORT" VARNISH
+    LOG[varnish]=$WORK/varnish.log
+    cat >"$WORK/varnish.vcl" <<EOF
+vcl 4.1;
+backend default { .host = "127.0.0.1"; .port = "$BACKEND_PORT"; }
+EOF
+    varnishd -F -n "$WORK/varnish" -a "127.0.0.1:$VARNISH_PORT" -f "$WORK/varnish.vcl" \
+        -s malloc,256m >"${LOG[varnish]}" 2>&1 &
+    PID[varnish]=$!
+    wait_ready varnish
+    # The manager listens before its child has compiled the VCL and started:
+    # one request waits for the child, so its RSS is counted and nothing is
+    # measured against a half-started server.
+    curl -s -o /dev/null -m 60 "http://127.0.0.1:$VARNISH_PORT/" ||
+        { tail -n 30 "${LOG[varnish]}" >&2; die "varnish does not answer"; }
+    log "varnish child up (pids $(pgrep -P "${PID[varnish]}" | paste -sd ' '))"
+}
+
 # --- measuring ---------------------------------------------------------------
 
 # Prints a wrk duration ("123.45us", "1.2ms", "2.00s", "1.5m") in microseconds.
@@ -292,7 +336,22 @@ run_wrk() {
         "${RES[$scen|$name|rps]}" "${RES[$scen|$name|p50]}" "${RES[$scen|$name|p99]}" "${RES[$scen|$name|err]}")"
 }
 
-# Resident memory in KiB of a process plus its direct children (nginx workers).
+# Adds a warning unless a GET of $2 on cache $1 is a hit: the cache-hit
+# scenarios would otherwise measure the backend through the cache.
+check_hit() {
+    local name=$1 path=$2 head
+    head=$(curl -s -o /dev/null -D - -m 10 "http://127.0.0.1:${PORT[$name]}$path" | tr -d '\r')
+    case $name in
+        proxycache) grep -qiE '^cache-status:.*; *hit' <<<"$head" && return ;;
+        # On a hit X-Varnish holds two ids: this request's and the fetch's.
+        varnish) grep -qiE '^x-varnish: *[0-9]+ +[0-9]+$' <<<"$head" && return ;;
+    esac
+    WARN+=("$name did not answer GET $path from its cache: $(grep -iE '^(HTTP/|cache-status|x-varnish|age):?' <<<"$head" | paste -sd ' ')")
+    log "WARNING: ${WARN[-1]}"
+}
+
+# Resident memory in KiB of a process plus its direct children (nginx workers,
+# the Varnish cache child).
 rss_of() {
     local total=0 p kb
     for p in "$1" $(pgrep -P "$1" || true); do
@@ -349,7 +408,7 @@ measure_idle_conns() {
 # errors, HAProxy's startup notices) so nothing odd goes unnoticed.
 show_logs() {
     local name
-    for name in "${SERVERS[@]}"; do
+    for name in "${SERVERS[@]}" varnish; do
         [[ -s ${LOG[$name]} ]] || continue
         log "$name log: $(wc -l <"${LOG[$name]}") lines; most frequent (timestamps and ids stripped):"
         sed -E 's/^[0-9T:./ -]+(\[[a-z]+\])? *//; s/[0-9]+#[0-9]+: \*[0-9]+ //; s/client: [0-9.:]+/client: …/' \
@@ -363,8 +422,15 @@ mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 min() { (( $1 < $2 )) && echo "$1" || echo "$2"; }
 
+result_row() {
+    local scen=$1 name=$2
+    printf '| %s | %s | %s | %s | %s | %s |\n' "$scen" "$name" "${RES[$scen|$name|rps]}" \
+        "${RES[$scen|$name|p50]}" "${RES[$scen|$name|p99]}" \
+        "${RES[$scen|$name|err]}${RES[$scen|$name|errdetail]:+ (${RES[$scen|$name|errdetail]%; })}"
+}
+
 report() {
-    local scen name best pc
+    local scen name best pc rps_pc rps_v warning
     echo "## Proxycache load benchmark"
     echo
     echo "wrk ${DURATION} per run after a ${WARMUP} warm-up, one server at a time; latencies in µs."
@@ -372,11 +438,10 @@ report() {
     echo "| scenario | server | req/s | p50 (µs) | p99 (µs) | errors |"
     echo "| --- | --- | ---: | ---: | ---: | ---: |"
     for scen in "${SCENARIOS[@]}"; do
-        for name in "${SERVERS[@]}"; do
-            printf '| %s | %s | %s | %s | %s | %s |\n' "$scen" "$name" "${RES[$scen|$name|rps]}" \
-                "${RES[$scen|$name|p50]}" "${RES[$scen|$name|p99]}" \
-                "${RES[$scen|$name|err]}${RES[$scen|$name|errdetail]:+ (${RES[$scen|$name|errdetail]%; })}"
-        done
+        for name in "${SERVERS[@]}"; do result_row "$scen" "$name"; done
+    done
+    for scen in "${CACHE_SCENARIOS[@]}"; do
+        for name in "${CACHE_SERVERS[@]}"; do result_row "$scen" "$name"; done
     done
     echo
     echo "Proxycache against the other proxies (req/s ratio > 1 means Proxycache is faster;"
@@ -396,7 +461,23 @@ report() {
             "$(( ${RES[$scen|haproxy|p50]} - ${RES[$scen|backend|p50]} ))"
     done
     echo
-    echo "Memory (RSS; nginx = master + workers):"
+    echo "Proxycache against Varnish on cache hits (target: req/s ≥ 1.2 × Varnish, p99 no worse):"
+    echo
+    echo "| scenario | req/s pc | req/s varnish | req/s pc/varnish | ≥ 1.2 | p99 pc (µs) | p99 varnish (µs) | p99 pc ≤ varnish |"
+    echo "| --- | ---: | ---: | ---: | :---: | ---: | ---: | :---: |"
+    for scen in "${CACHE_SCENARIOS[@]}"; do
+        rps_pc=${RES[$scen|proxycache|rps]} rps_v=${RES[$scen|varnish|rps]}
+        pc=${RES[$scen|proxycache|p99]}
+        printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$scen" "$rps_pc" "$rps_v" \
+            "$(ratio "$rps_pc" "$rps_v")" "$( (( rps_pc * 10 >= rps_v * 12 )) && echo yes || echo NO)" \
+            "$pc" "${RES[$scen|varnish|p99]}" "$( (( pc <= ${RES[$scen|varnish|p99]} )) && echo yes || echo NO)"
+    done
+    for warning in "${WARN[@]}"; do
+        echo
+        echo "**Warning:** $warning"
+    done
+    echo
+    echo "Memory (RSS; nginx = master + workers; varnish = manager + cache child):"
     echo
     echo "| server | idle after start (MiB) | with $IDLE_CONNS idle keep-alive conns (MiB) | conns answered 200 |"
     echo "| --- | ---: | ---: | ---: |"
@@ -404,9 +485,13 @@ report() {
         printf '| %s | %s | %s | %s/%s |\n' "$name" "$(mib "${RES[mem|$name|idle]}")" \
             "$(mib "${RES[mem|$name|idle_conns]}")" "${RES[mem|$name|ok]}" "$IDLE_CONNS"
     done
+    # Not held open: Varnish closes idle client connections after 5 s
+    # (timeout_idle), so its RSS would not show them.
+    printf '| varnish | %s | – | – |\n' "$(mib "${RES[mem|varnish|idle]}")"
     echo
     echo "Run $(date '+%Y-%m-%d %H:%M %Z') on $(nproc) cores ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo));"
     echo "$(nginx -v 2>&1 | sed 's/^nginx version: //'), $(haproxy -v | awk 'NR == 1 { print $1, $3 }')," \
+        "$(varnishd -V 2>&1 | sed -n '1s/^varnishd (\([^ ]*\).*/\1/p'),"  \
         "$( (wrk -v 2>&1 || true) | awk 'NR == 1 { print $1, $2 }');" \
         "proxycache $BIN ($BIN_ID)."
 }
@@ -425,23 +510,36 @@ start_backend
 start_proxycache
 start_nginx_proxy
 start_haproxy
-for name in proxycache nginx haproxy; do
+start_varnish
+for name in proxycache nginx haproxy varnish; do
     RES[mem|$name|idle]=$(rss_of "${PID[$name]}")
 done
 
 # name -> "path connections threads [lua script]"
 SCENARIOS=("small c64" "64k c64" "small c1000" "latency c1" "post 1MiB c16")
+CACHE_SCENARIOS=("hit small c64" "hit 64k c64")
 declare -A SPEC=(
     ["small c64"]="/ 64 2"
     ["64k c64"]="/64k 64 2"
     ["small c1000"]="/ 1000 2"
     ["latency c1"]="/ 1 1"
     ["post 1MiB c16"]="/upload 16 2 $WORK/post.lua"
+    ["hit small c64"]="/cached 64 2"
+    ["hit 64k c64"]="/cached64k 64 2"
 )
 for scen in "${SCENARIOS[@]}"; do
     for name in "${SERVERS[@]}"; do
         # shellcheck disable=SC2086  # SPEC splits into run_wrk's arguments
         run_wrk "$scen" "$name" ${SPEC[$scen]}
+    done
+done
+# The warm-up run fills the caches; the check after the measured run shows
+# that they answered from memory.
+for scen in "${CACHE_SCENARIOS[@]}"; do
+    for name in "${CACHE_SERVERS[@]}"; do
+        # shellcheck disable=SC2086  # as above
+        run_wrk "$scen" "$name" ${SPEC[$scen]}
+        [[ $name == backend ]] || check_hit "$name" "${SPEC[$scen]%% *}"
     done
 done
 

@@ -1057,10 +1057,9 @@ fn the_cached_methods_are_configurable() {
         },
     );
     fetch(&proxy, "/m", "");
-    request(
-        proxy.addr,
-        "HEAD /m HTTP/1.1\r\nHost: cache.test\r\nConnection: close\r\n\r\n",
-    );
+    let mut client = Client::connect(proxy.addr);
+    client.send("HEAD /m HTTP/1.1\r\nHost: cache.test\r\n\r\n");
+    assert_eq!(client.head_response().status, 200);
     assert_eq!(
         backend.last().method,
         "HEAD",
