@@ -170,7 +170,10 @@ start_backend() {
         listen 127.0.0.1:$BACKEND_PORT;
         root $WORK;
         location = / { return 200 "hello world\n"; }
-        location = /64k { }
+        # Proxy scenarios measure forwarding: no-store keeps Proxycache's cache
+        # (which would otherwise apply heuristic freshness from Last-Modified)
+        # out of them, so every proxy forwards every request.
+        location = /64k { add_header Cache-Control "no-store" always; }
         # Cacheable for an hour, for the cache-hit scenarios.
         location = /cached {
             add_header Cache-Control "max-age=3600" always;
@@ -491,7 +494,7 @@ report() {
     echo
     echo "Run $(date '+%Y-%m-%d %H:%M %Z') on $(nproc) cores ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo));"
     echo "$(nginx -v 2>&1 | sed 's/^nginx version: //'), $(haproxy -v | awk 'NR == 1 { print $1, $3 }')," \
-        "$(varnishd -V 2>&1 | sed -n '1s/^varnishd (\([^ ]*\).*/\1/p'),"  \
+        "$(varnishd -V 2>&1 | sed -n '1s/^varnishd (\([^ ]*\).*/\1/p')," \
         "$( (wrk -v 2>&1 || true) | awk 'NR == 1 { print $1, $2 }');" \
         "proxycache $BIN ($BIN_ID)."
 }

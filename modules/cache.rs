@@ -8,7 +8,9 @@
 //! Storage is moka's TinyLFU cache weighed in bytes.
 //!
 //! Concurrent misses for one key are coalesced: the first goes upstream, the
-//! others wait (in epoll, not on a thread) for its response to be stored.
+//! others wait (in epoll, not on a thread) for its response to be stored. A
+//! key whose response was not storable is remembered for a while
+//! (hit-for-miss), so its misses go upstream at once rather than queue.
 //!
 //! A stale entry with a validator is revalidated (If-None-Match /
 //! If-Modified-Since); a 304 freshens it. stale-if-error serves it when the
@@ -130,6 +132,9 @@ impl Rule {
     }
 }
 
+/// How long a key stays known as uncacheable (Varnish's hit-for-miss default).
+const HIT_FOR_MISS: Duration = Duration::from_secs(120);
+
 pub fn build(settings: &Settings, _env: &BuildEnv) -> Result<Box<dyn Module>, String> {
     if !(0.0..=1.0).contains(&settings.heuristic_fraction) {
         return Err(format!("heuristic_fraction {} must be within 0..=1", settings.heuristic_fraction));
@@ -187,6 +192,7 @@ pub fn build(settings: &Settings, _env: &BuildEnv) -> Result<Box<dyn Module>, St
     Ok(Box::new(Arc::new(Cache {
         store,
         inflight: Arc::default(),
+        uncacheable: Store::builder().max_capacity(65_536).time_to_live(HIT_FOR_MISS).build(),
         coalesce_wait: settings.coalesce_wait.0,
         targeted_cache_control: settings.targeted_cache_control,
         key,
@@ -210,6 +216,9 @@ pub struct Cache {
     store: Store<String, Arc<Entry>>,
     /// Keys being fetched by a first miss, with the misses waiting for it.
     inflight: Arc<Mutex<HashMap<String, Flight>>>,
+    /// Keys whose last response was not storable ("hit-for-miss"): their
+    /// misses go upstream at once instead of queueing behind one another.
+    uncacheable: Store<String, ()>,
     coalesce_wait: Duration,
     targeted_cache_control: bool,
     key: Vec<KeyPart>,
@@ -400,7 +409,7 @@ impl Module for Arc<Cache> {
             ctx.put(State::Hit);
             return Flow::Respond(Response::text(504, "not in cache (only-if-cached)"));
         }
-        if req.method == "GET" && status != "request" {
+        if req.method == "GET" && status != "request" && !self.uncacheable.contains_key(&key) {
             if let Some(follower) = self.coalesce(&key, ctx) {
                 return Flow::Await(Box::new(follower));
             }
@@ -455,11 +464,15 @@ impl Module for Arc<Cache> {
                 }
                 match self.storable(req, &resp.head, ctx.started) {
                     Some(entry) => {
+                        self.uncacheable.invalidate(&key);
                         ctx.put(Capture { key, entry });
                         self.mark(&mut resp.head, &format!("fwd={status}; stored"), false);
                     }
                     None => {
                         ctx.take::<Leading>(); // nothing to wait for: let the others go
+                        if req.method == "GET" {
+                            self.uncacheable.insert(key, ());
+                        }
                         self.mark(&mut resp.head, &format!("fwd={status}"), false);
                     }
                 }

@@ -1073,3 +1073,20 @@ fn the_cached_methods_are_configurable() {
         "{text}"
     );
 }
+
+#[test]
+fn a_key_found_uncacheable_is_not_coalesced_again() {
+    // Hit-for-miss: once a URL's response proved not storable, concurrent
+    // misses for it go upstream together instead of queueing behind one.
+    let backend = slow_backend(Duration::from_millis(400), "private");
+    let proxy = Proxy::start(backend.addr);
+    fetch(&proxy, "/dynamic", "");
+    let started = std::time::Instant::now();
+    concurrent_gets(&proxy, "/dynamic", 10);
+    let took = started.elapsed();
+    assert_eq!(seen(&backend, "/dynamic"), 11);
+    assert!(
+        took < Duration::from_millis(750),
+        "queued behind a leader: {took:?}"
+    );
+}
