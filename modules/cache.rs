@@ -250,7 +250,7 @@ enum KeyPart {
 /// A stored response.
 struct Entry {
     head: ResponseHead,
-    body: Vec<u8>,
+    body: Arc<[u8]>,
     /// The request headers named by Vary, with the values they had (§4.1).
     vary: Vec<(String, String)>,
     response_time: Instant,
@@ -354,6 +354,7 @@ impl PendingResponse for Follower {
 struct Capture {
     key: String,
     entry: Entry,
+    body: Vec<u8>,
 }
 
 fn vary_value(req: &Request, name: &str) -> String {
@@ -465,7 +466,11 @@ impl Module for Arc<Cache> {
                 match self.storable(req, &resp.head, ctx.started) {
                     Some(entry) => {
                         self.uncacheable.invalidate(&key);
-                        ctx.put(Capture { key, entry });
+                        ctx.put(Capture {
+                            key,
+                            entry,
+                            body: Vec::new(),
+                        });
                         self.mark(&mut resp.head, &format!("fwd={status}; stored"), false);
                     }
                     None => {
@@ -497,16 +502,17 @@ impl Module for Arc<Cache> {
 
     fn on_body_chunk(&self, chunk: &[u8], ctx: &mut Context) {
         let Some(capture) = ctx.get_mut::<Capture>() else { return };
-        if (capture.entry.body.len() + chunk.len()) as u64 > self.max_object_size {
+        if (capture.body.len() + chunk.len()) as u64 > self.max_object_size {
             ctx.take::<Capture>(); // too big after all: pass through only
             return;
         }
-        capture.entry.body.extend_from_slice(chunk);
+        capture.body.extend_from_slice(chunk);
     }
 
     fn on_body_end(&self, ctx: &mut Context) {
-        let Some(Capture { key, mut entry }) = ctx.take::<Capture>() else { return };
-        entry.head.headers.set("Content-Length", entry.body.len().to_string());
+        let Some(Capture { key, mut entry, body }) = ctx.take::<Capture>() else { return };
+        entry.head.headers.set("Content-Length", body.len().to_string());
+        entry.body = body.into();
         self.save(key, Arc::new(entry));
         ctx.take::<Leading>(); // stored: wake the misses waiting for it
     }
@@ -597,7 +603,7 @@ fn from_disk(bytes: &[u8]) -> Option<Entry> {
     let since = SystemTime::now().duration_since(stored_at).unwrap_or_default();
     Some(Entry {
         head,
-        body: rest[head_len..].to_vec(),
+        body: rest[head_len..].into(),
         vary: meta.vary,
         response_time: Instant::now().checked_sub(since)?,
         corrected_initial_age: Duration::from_millis(meta.initial_age_ms),
@@ -898,7 +904,7 @@ impl Cache {
                 head.headers.set("Content-Range", format!("bytes {first}-{last}/{total}"));
                 Response {
                     head,
-                    body: Body::Bytes(entry.body[first..=last].to_vec()),
+                    body: Body::Bytes(entry.body[first..=last].into()),
                 }
             }
             Some(None) => {
@@ -1035,7 +1041,7 @@ impl Cache {
         head.headers.remove("cache-status");
         Some(Entry {
             head,
-            body: Vec::new(),
+            body: Arc::from([]),
             vary: Vec::new(),
             response_time,
             corrected_initial_age,

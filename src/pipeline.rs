@@ -175,7 +175,8 @@ pub struct Response {
 
 pub enum Body {
     Empty,
-    Bytes(Vec<u8>),
+    /// Shared, so a cached body goes out without being copied.
+    Bytes(Arc<[u8]>),
     Stream(Box<dyn BodyStream>),
 }
 
@@ -198,7 +199,7 @@ impl Response {
         let body = format!("{status} {}: {text}\n", crate::http::reason_phrase(status));
         Response {
             head,
-            body: Body::Bytes(body.into_bytes()),
+            body: Body::Bytes(body.into_bytes().into()),
         }
     }
 }

@@ -386,8 +386,12 @@ fn write_response(
             bytes = body.len() as u64;
             pipeline.on_body_chunk(ran, &body, ctx).map_err(failed)?;
             pipeline.on_body_end(ran, ctx).map_err(failed)?;
-            out.extend_from_slice(&body);
-            stream.write_all(&out)?;
+            if body.len() <= COPY_LIMIT {
+                out.extend_from_slice(&body);
+                stream.write_all(&out)?;
+            } else {
+                write_both(stream, &out, &body)?;
+            }
         }
         Body::Stream(mut body) => {
             // At the end, the body is dropped (freeing its upstream connection
@@ -432,6 +436,25 @@ fn write_response(
         }
     }
     Ok(Written { bytes, keep_alive })
+}
+
+/// Bodies up to this size are copied behind the head for one plain write;
+/// larger ones go out with the head by writev, uncopied.
+const COPY_LIMIT: usize = 8 * 1024;
+
+/// Writes `head` then `body` with as few writev calls as the socket allows.
+fn write_both(stream: &mut TcpStream, head: &[u8], body: &[u8]) -> io::Result<()> {
+    let mut parts = [io::IoSlice::new(head), io::IoSlice::new(body)];
+    let mut left: &mut [io::IoSlice] = &mut parts;
+    while !left.is_empty() {
+        match stream.write_vectored(left) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut left, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn failed(f: ModuleFailed) -> io::Error {
