@@ -37,7 +37,7 @@ fn serve(mut stream: TcpStream) -> io::Result<()> {
     loop {
         let parsed = match request::parse(buf.filled(), &LIMITS) {
             Ok(parsed) => parsed,
-            Err(e) => return respond(&mut stream, e.status, e.reason.as_bytes(), false),
+            Err(e) => return respond(&mut stream, e.status, "", e.reason.as_bytes(), false),
         };
         let Some((req, framing, len)) = parsed else {
             if buf.read_from(&mut stream)? == 0 {
@@ -55,8 +55,17 @@ fn serve(mut stream: TcpStream) -> io::Result<()> {
             body.extend_from_slice(piece);
         }
         let path = req.target.split('?').next().unwrap_or("/");
+        let mut extra = "";
         let (status, reply) = match path {
             "/" => (200, b"Hello from the Proxycache demo origin!\n".to_vec()),
+            "/cached" => {
+                extra = "Cache-Control: max-age=30\r\n";
+                let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+                (
+                    200,
+                    format!("Made by the origin at {now}; cacheable for 30 s.\n").into_bytes(),
+                )
+            }
             "/headers" => {
                 let mut text = format!("{} {} {}\n", req.method, req.target, req.version.as_str())
                     .into_bytes();
@@ -66,16 +75,22 @@ fn serve(mut stream: TcpStream) -> io::Result<()> {
             "/echo" => (200, body),
             _ => (404, b"No such page on the demo origin.\n".to_vec()),
         };
-        respond(&mut stream, status, &reply, framing.keep_alive)?;
+        respond(&mut stream, status, extra, &reply, framing.keep_alive)?;
         if !framing.keep_alive {
             return Ok(());
         }
     }
 }
 
-fn respond(stream: &mut TcpStream, status: u16, body: &[u8], keep_alive: bool) -> io::Result<()> {
+fn respond(
+    stream: &mut TcpStream,
+    status: u16,
+    extra: &str,
+    body: &[u8],
+    keep_alive: bool,
+) -> io::Result<()> {
     let mut out = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n",
+        "HTTP/1.1 {status} {}\r\nContent-Type: text/plain\r\n{extra}Content-Length: {}\r\n{}\r\n",
         crate::http::reason_phrase(status),
         body.len(),
         if keep_alive {
@@ -97,6 +112,7 @@ pub fn print_tryouts(proxy: SocketAddr) {
          \x20 curl -i http://{proxy}/                      # proxied response with X-Request-Id and Via\n\
          \x20 curl -s http://{proxy}/headers               # what the origin received: X-Forwarded-For, Via, ...\n\
          \x20 curl -s -d 'hello' http://{proxy}/echo       # request body streamed through\n\
+         \x20 curl -si http://{proxy}/cached               # twice: Cache-Status says miss, then hit\n\
          \x20 curl -i -H 'Host:' http://{proxy}/           # a bad request answered 400\n\
          Press Ctrl-C to stop (graceful shutdown).\n"
     );

@@ -244,6 +244,17 @@ fn demo_runs_the_proxy_in_front_of_its_own_origin() {
         "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
     );
     assert_eq!(echoed.text(), "hello");
+    let first = get(addr, "/cached");
+    let second = get(addr, "/cached");
+    assert_eq!(
+        second.text(),
+        first.text(),
+        "the demo's cacheable page comes from the cache"
+    );
+    assert!(
+        second.header("cache-status").unwrap().contains("hit"),
+        "{second:?}"
+    );
     let headers = get(addr, "/headers").text();
     assert!(headers.contains("X-Forwarded-For: 127.0.0.1"), "{headers}");
     Command::new("kill")
