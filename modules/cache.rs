@@ -299,6 +299,8 @@ enum State {
         status: &'static str,
         stale: Option<Arc<Entry>>,
         revalidating: bool,
+        /// Already known as uncacheable (hit-for-miss): no need to record it again.
+        known_uncacheable: bool,
     },
     /// Forwarded without using or storing anything: the client asked
     /// (`no-store`: "request") or a rule says so ("bypass").
@@ -410,7 +412,8 @@ impl Module for Arc<Cache> {
             ctx.put(State::Hit);
             return Flow::Respond(Response::text(504, "not in cache (only-if-cached)"));
         }
-        if req.method == "GET" && status != "request" && !self.uncacheable.contains_key(&key) {
+        let known_uncacheable = self.uncacheable.contains_key(&key);
+        if req.method == "GET" && status != "request" && !known_uncacheable {
             if let Some(follower) = self.coalesce(&key, ctx) {
                 return Flow::Await(Box::new(follower));
             }
@@ -432,6 +435,7 @@ impl Module for Arc<Cache> {
             status,
             stale,
             revalidating,
+            known_uncacheable,
         });
         Flow::Continue
     }
@@ -455,6 +459,7 @@ impl Module for Arc<Cache> {
                 status,
                 stale,
                 revalidating,
+                known_uncacheable,
             }) => {
                 if let Some(stale) = stale {
                     if let Some(answer) = self.answer_from_stale(&key, &stale, revalidating, req, resp, ctx) {
@@ -465,7 +470,9 @@ impl Module for Arc<Cache> {
                 }
                 match self.storable(req, &resp.head, ctx.started) {
                     Some(entry) => {
-                        self.uncacheable.invalidate(&key);
+                        if known_uncacheable {
+                            self.uncacheable.invalidate(&key);
+                        }
                         ctx.put(Capture {
                             key,
                             entry,
@@ -475,7 +482,7 @@ impl Module for Arc<Cache> {
                     }
                     None => {
                         ctx.take::<Leading>(); // nothing to wait for: let the others go
-                        if req.method == "GET" {
+                        if req.method == "GET" && !known_uncacheable {
                             self.uncacheable.insert(key, ());
                         }
                         self.mark(&mut resp.head, &format!("fwd={status}"), false);
@@ -872,6 +879,7 @@ impl Cache {
                     status: "miss",
                     stale: None,
                     revalidating: false,
+                    known_uncacheable: false,
                 });
                 Resumed::Continue
             }
