@@ -4,7 +4,8 @@
 //! accept every pending connection and park it; a client's event makes a
 //! worker take that connection and serve what has arrived
 //! ([`connection::serve`]), then park it again or close it. A housekeeping
-//! thread closes parked connections past their deadline and stale pooled ones.
+//! thread closes idle connections past their deadline and stale pooled ones,
+//! and hands upstream waits past theirs to the workers (it never serves).
 
 mod connection;
 mod downstream;
@@ -244,6 +245,9 @@ fn on_event(shared: &Shared, token: u64) {
     let next = catch_unwind(AssertUnwindSafe(|| match waiting {
         Waiting::Client(conn) => connection::serve(conn, shared),
         Waiting::Upstream(conn, suspended) => connection::resume(conn, suspended, shared),
+        Waiting::TimedOut(conn, suspended, _signal) => {
+            connection::time_out(conn, suspended, shared)
+        }
     }));
     match next {
         Ok(next) => settle(shared, next),
@@ -347,13 +351,9 @@ fn housekeeping(shared: &Arc<Shared>) {
             match waiting {
                 Waiting::Client(conn) => conn.expire(),
                 Waiting::Upstream(conn, suspended) => {
-                    match catch_unwind(AssertUnwindSafe(|| {
-                        connection::time_out(conn, suspended, shared)
-                    })) {
-                        Ok(next) => settle(shared, next),
-                        Err(_) => log::error!("a timeout handler panicked; connection closed"),
-                    }
+                    shared.parked.time_out(conn, suspended, &shared.reactor)
                 }
+                Waiting::TimedOut(..) => unreachable!("expired() leaves hand-overs to the workers"),
             }
         }
         shared.pool.evict_expired();

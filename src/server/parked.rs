@@ -13,6 +13,7 @@ use parking_lot::Mutex;
 
 use super::connection::{Conn, Suspended};
 use super::reactor::Reactor;
+use crate::pipeline::Signal;
 
 /// Sharded so workers parking and taking different connections rarely meet on one lock.
 const SHARDS: usize = 16;
@@ -22,6 +23,10 @@ pub enum Waiting {
     Client(Conn),
     /// For the upstream's response; the client connection waits with it.
     Upstream(Conn, Box<Suspended>),
+    /// An upstream wait past its deadline, for a worker to time out: the
+    /// housekeeping thread only notices, workers do the work. The signal is
+    /// already notified, so the next free worker takes it.
+    TimedOut(Conn, Box<Suspended>, Signal),
 }
 
 struct Entry {
@@ -94,6 +99,29 @@ impl Parked {
         self.insert(token, entry, || reactor.watch(fd, token));
     }
 
+    /// Hands an upstream wait whose deadline passed over to the workers.
+    pub fn time_out(&self, conn: Conn, suspended: Box<Suspended>, reactor: &Reactor) {
+        let signal = match Signal::new() {
+            Ok(signal) => signal,
+            Err(e) => {
+                log::error!(
+                    "{}: cannot time out a wait ({e}); connection closed",
+                    conn.peer
+                );
+                return;
+            }
+        };
+        signal.notify();
+        let token = self.new_token();
+        let fd = signal.fd();
+        let entry = Entry {
+            deadline: Instant::now(),
+            waiting: Waiting::TimedOut(conn, suspended, signal),
+        };
+        self.suspended.fetch_add(1, Relaxed);
+        self.insert(token, entry, || reactor.add(fd, token));
+    }
+
     /// What waited behind an event; `None` if it expired meanwhile.
     pub fn take(&self, token: u64) -> Option<Waiting> {
         let entry = self.shard(token).lock().remove(&token)?;
@@ -101,20 +129,21 @@ impl Parked {
     }
 
     fn leaving(&self, entry: Entry) -> Waiting {
-        if matches!(entry.waiting, Waiting::Upstream(..)) {
+        if matches!(entry.waiting, Waiting::Upstream(..) | Waiting::TimedOut(..)) {
             self.suspended.fetch_sub(1, Relaxed);
         }
         entry.waiting
     }
 
-    /// Removes and returns everything whose deadline has passed.
+    /// Removes and returns every client or upstream wait whose deadline has
+    /// passed (never a `TimedOut` hand-over: a worker takes those).
     pub fn expired(&self, now: Instant) -> Vec<Waiting> {
         let mut out = Vec::new();
         for shard in &self.shards {
             let mut map = shard.lock();
             let tokens: Vec<u64> = map
                 .iter()
-                .filter(|(_, e)| e.deadline <= now)
+                .filter(|(_, e)| e.deadline <= now && !matches!(e.waiting, Waiting::TimedOut(..)))
                 .map(|(t, _)| *t)
                 .collect();
             for token in tokens {
