@@ -993,7 +993,8 @@ impl Cache {
             return None;
         }
         let said = self.response_directives(&resp.headers);
-        if said.no_store || said.private || Directives::parse(&req.headers).no_store {
+        // (A request's own no-store never gets here: handle() bypasses it.)
+        if said.no_store || said.private {
             return None;
         }
         if resp.headers.contains("set-cookie") || resp.headers.list("vary").any(|v| v == b"*") {
