@@ -52,10 +52,9 @@ impl Conn {
 /// A request between its head and its response.
 struct Exchange {
     req: Request,
-    /// How the request is framed, for the stages still to run.
+    /// How the request is framed, for the stages still to run; its
+    /// `keep_alive` is what the request asked (the response may still close).
     framing: Framing,
-    /// What the request asked for; the response may still close.
-    keep_alive: bool,
     /// A body left unread leaves no way to find the next request.
     body_read: bool,
     ctx: Context,
@@ -175,7 +174,6 @@ fn start(
     shared: &Shared,
 ) -> Result<bool, Box<Suspended>> {
     let exchange = Exchange {
-        keep_alive: framing.keep_alive,
         framing,
         body_read: false,
         ctx: Context::new(conn.peer),
@@ -218,7 +216,7 @@ pub fn resume(mut conn: Conn, mut suspended: Box<Suspended>, shared: &Shared) ->
     // Only interim responses go to the client while a stage awaits.
     let framing = Framing {
         body: BodyKind::Empty,
-        keep_alive: exchange.keep_alive,
+        keep_alive: exchange.framing.keep_alive,
         expect_continue: false,
     };
     let mut downstream = Downstream::new(
@@ -253,7 +251,7 @@ pub fn time_out(conn: Conn, suspended: Box<Suspended>, shared: &Shared) -> Next 
     } = *suspended;
     let resumed = pending.timed_out(&exchange.req, &mut exchange.ctx);
     if matches!(resumed, Resumed::Respond(_)) {
-        exchange.keep_alive = false;
+        exchange.framing.keep_alive = false;
     }
     proceed(conn, exchange, resumed, shared)
 }
@@ -276,7 +274,7 @@ fn finish(conn: &mut Conn, mut ex: Exchange, mut resp: Response, shared: &Shared
     shared
         .pipeline
         .on_response(ex.ran, &ex.req, &mut resp, &mut ex.ctx);
-    let keep_alive = ex.keep_alive && ex.body_read && !shared.shutting_down.load(Relaxed);
+    let keep_alive = ex.framing.keep_alive && ex.body_read && !shared.shutting_down.load(Relaxed);
     let status = resp.head.status;
     let written = write_response(
         &mut conn.stream,
