@@ -15,8 +15,10 @@ use crate::http::body::{BodyError, BodyReader};
 use crate::http::chunked::{encode_chunk_header, encode_last_chunk, CHUNK_END};
 use crate::http::{response, BodyKind, Headers, Request, ResponseHead, Version};
 use crate::pipeline::{
-    Body, BodyStream, BuildEnv, Context, Downstream, Flow, Module, PendingResponse, Response, Resumed,
+    Body, BodyStream, BuildEnv, Context, Downstream, Flow, Module, PendingResponse, Response, Resumed, Timer,
 };
+use crate::upstream::retry::retry_after;
+use crate::upstream::{Lease, Outcome};
 use crate::pool::{Pool, PoolError, Pooled};
 
 /// Last: it answers every request that reaches it.
@@ -62,6 +64,8 @@ struct Failure {
     reason: String,
     /// Nothing came back yet, so a retry cannot duplicate a response.
     before_response: bool,
+    /// Its outcome is already on the lease.
+    recorded: bool,
 }
 
 impl Failure {
@@ -70,15 +74,18 @@ impl Failure {
             status,
             reason: reason.into(),
             before_response: false,
+            recorded: false,
         }
     }
 
     fn upstream_io(action: &str, e: &io::Error, before_response: bool) -> Failure {
         let timed_out = matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut);
         Failure {
-            status: if timed_out { 504 } else { 502 },
-            reason: format!("upstream {action} {}", if timed_out { "timed out".into() } else { e.to_string() }),
             before_response: before_response && !timed_out,
+            ..Failure::new(
+                if timed_out { 504 } else { 502 },
+                format!("upstream {action} {}", if timed_out { "timed out".into() } else { e.to_string() }),
+            )
         }
     }
 
@@ -105,9 +112,25 @@ impl Failure {
 impl Module for ProxyCore {
     fn handle(&self, req: &mut Request, downstream: &mut Downstream, ctx: &mut Context) -> Flow {
         let addr = *ctx.upstream.get_or_insert(self.backend);
-        match self.send(req, downstream, ctx, addr) {
-            Ok(awaiting) => Flow::Await(Box::new(awaiting)),
-            Err(f) => Flow::Respond(answer(f, ctx, addr)),
+        let body = downstream.body_kind();
+        let mut forward = Forward {
+            head: self.upstream_head(req, body, ctx.client_addr),
+            bodiless: body == BodyKind::Empty,
+            phase: Phase::Idle,
+            replay: false,
+            pool: self.pool.clone(),
+            addr,
+            via: self.via.clone(),
+            max_head: self.max_head,
+            head_request: req.method == "HEAD",
+            received_any: false,
+        };
+        match forward.send(req, downstream, ctx) {
+            Ok(()) => Flow::Await(Box::new(forward)),
+            Err(f) => match forward.failed(f, req, ctx) {
+                Some(resp) => Flow::Respond(resp),
+                None => Flow::Await(Box::new(forward)),
+            },
         }
     }
 }
@@ -118,41 +141,14 @@ fn answer(f: Failure, ctx: &Context, addr: SocketAddr) -> Response {
     Response::text(f.status, &f.reason)
 }
 
-impl ProxyCore {
-    /// Sends the request upstream; the response is then awaited without a thread.
-    fn send(
-        &self,
-        req: &mut Request,
-        downstream: &mut Downstream,
-        ctx: &Context,
-        addr: SocketAddr,
-    ) -> Result<AwaitResponse, Failure> {
-        let head = self.upstream_head(req, downstream.body_kind(), ctx.client_addr);
-        // A pooled connection the upstream closed meanwhile may fail before any
-        // response byte: then once more on a new one, when nothing could have
-        // been processed twice and there is no body to replay.
-        let replayable = req.is_idempotent() && downstream.body_kind() == BodyKind::Empty;
-        let mut conn = self.pool.checkout(addr).map_err(Failure::pool)?;
-        if let Err(f) = write_request(&mut conn, &head, downstream) {
-            if !(f.before_response && conn.reused && replayable) {
-                return Err(f);
-            }
-            log::debug!("{} reused connection to {addr} failed ({}); retrying", ctx.request_id, f.reason);
-            conn = self.pool.checkout_fresh(addr).map_err(Failure::pool)?;
-            write_request(&mut conn, &head, downstream)?;
-        }
-        Ok(AwaitResponse {
-            replay: (conn.reused && replayable).then_some(head),
-            conn: Some(conn),
-            pool: self.pool.clone(),
-            addr,
-            via: self.via.clone(),
-            max_head: self.max_head,
-            head_request: req.method == "HEAD",
-            received_any: false,
-        })
+/// Notes an attempt's outcome on the request's lease, if a balancer gave one.
+fn record(ctx: &mut Context, outcome: Outcome) {
+    if let Some(lease) = ctx.get_mut::<Lease>() {
+        lease.record(outcome);
     }
+}
 
+impl ProxyCore {
     /// The head we send upstream. Changes `req` to what was forwarded.
     fn upstream_head(&self, req: &mut Request, body: BodyKind, client: SocketAddr) -> Vec<u8> {
         let headers = &mut req.headers;
@@ -199,11 +195,16 @@ fn write_request(conn: &mut Pooled, head: &[u8], downstream: &mut Downstream) ->
     send_body(downstream, &mut up.stream)
 }
 
-/// A request sent upstream whose response head has not arrived yet.
-struct AwaitResponse {
-    conn: Option<Pooled>,
-    /// The head, kept while one retry on a fresh connection is allowed.
-    replay: Option<Vec<u8>>,
+/// A request on its way upstream: sent and awaiting the response head, or
+/// backing off before a retry on another server.
+struct Forward {
+    head: Vec<u8>,
+    /// No request body: the head alone can be sent again.
+    bodiless: bool,
+    phase: Phase,
+    /// The connection was reused: if it fails before any response byte,
+    /// once more on a new connection to the same server.
+    replay: bool,
     pool: Arc<Pool>,
     addr: SocketAddr,
     via: Arc<str>,
@@ -212,60 +213,173 @@ struct AwaitResponse {
     received_any: bool,
 }
 
-impl PendingResponse for AwaitResponse {
+enum Phase {
+    Idle,
+    Waiting(Pooled),
+    Backoff(Timer),
+}
+
+impl PendingResponse for Forward {
     fn fd(&self) -> RawFd {
-        self.conn.as_ref().expect("held until answered").stream().as_raw_fd()
+        match &self.phase {
+            Phase::Waiting(conn) => conn.stream().as_raw_fd(),
+            Phase::Backoff(timer) => timer.fd(),
+            Phase::Idle => unreachable!("awaited only when sent or backing off"),
+        }
     }
 
     fn timeout(&self) -> Duration {
         self.pool.limits().read_timeout
     }
 
-    fn poll(&mut self, _req: &Request, client: &mut Downstream, ctx: &mut Context) -> Option<Resumed> {
-        self.progress(client, ctx).map(Resumed::Respond)
+    fn poll(&mut self, req: &Request, client: &mut Downstream, ctx: &mut Context) -> Option<Resumed> {
+        let step = match self.phase {
+            Phase::Backoff(_) => self.send(req, client, ctx).map(|()| None),
+            _ => self.progress(req, client, ctx),
+        };
+        match step {
+            Ok(None) => None,
+            Ok(Some(resp)) => Some(Resumed::Respond(resp)),
+            Err(f) => self.failed(f, req, ctx).map(Resumed::Respond),
+        }
     }
 
     fn timed_out(self: Box<Self>, _req: &Request, ctx: &mut Context) -> Resumed {
+        // Not retried: the request may still be in progress upstream.
+        record(ctx, Outcome::Failed);
         Resumed::Respond(answer(Failure::new(504, "upstream read timed out"), ctx, self.addr))
     }
 }
 
-impl AwaitResponse {
-    /// Reads what arrived; the response once its head is complete.
-    fn progress(&mut self, client: &mut Downstream, ctx: &mut Context) -> Option<Response> {
-        match self.read_head(client) {
-            Ok(None) => None,
-            Ok(Some((head, kind))) => Some(self.respond(head, kind)),
-            Err(f) if f.before_response && self.replay.is_some() => {
-                let head = self.replay.take().expect("checked");
-                log::debug!("{} reused connection to {} closed; retrying", ctx.request_id, self.addr);
-                let fresh = self.pool.checkout_fresh(self.addr).map_err(Failure::pool).and_then(|mut conn| {
-                    let up = conn.conn();
-                    up.stream.write_all(&head).map_err(|e| Failure::upstream_io("write", &e, false))?;
-                    Ok(conn)
-                });
-                match fresh {
-                    Ok(conn) => {
-                        self.conn = Some(conn);
-                        None
+impl Forward {
+    /// Connects (moving on to another server at once when a connection
+    /// cannot be opened: nothing reached the first) and sends the request.
+    fn send(&mut self, req: &Request, downstream: &mut Downstream, ctx: &mut Context) -> Result<(), Failure> {
+        self.phase = Phase::Idle;
+        let mut conn = loop {
+            match self.pool.checkout(self.addr) {
+                Ok(conn) => break conn,
+                Err(e) => {
+                    let f = Failure::pool(e);
+                    record(ctx, Outcome::Failed);
+                    match next_server(ctx, req) {
+                        Some(next) => {
+                            log::debug!("{} upstream {}: {}; trying {next}", ctx.request_id, self.addr, f.reason);
+                            self.addr = next;
+                        }
+                        None => return Err(Failure { recorded: true, ..f }),
                     }
-                    Err(f) => Some(answer(f, ctx, self.addr)),
                 }
             }
-            Err(f) => Some(answer(f, ctx, self.addr)),
+        };
+        let replayable = req.is_idempotent() && self.bodiless;
+        if let Err(f) = write_request(&mut conn, &self.head, downstream) {
+            if !(f.before_response && conn.reused && replayable) {
+                return Err(f);
+            }
+            log::debug!("{} reused connection to {} failed ({}); retrying", ctx.request_id, self.addr, f.reason);
+            conn = self.pool.checkout_fresh(self.addr).map_err(Failure::pool)?;
+            write_request(&mut conn, &self.head, downstream)?;
         }
+        self.replay = conn.reused && replayable;
+        self.received_any = false;
+        self.phase = Phase::Waiting(conn);
+        Ok(())
+    }
+
+    /// After a failed attempt: back off, then retry on another server if the
+    /// request can be sent again; otherwise the client's answer.
+    fn failed(&mut self, f: Failure, req: &Request, ctx: &mut Context) -> Option<Response> {
+        if !f.recorded {
+            record(ctx, Outcome::Failed);
+        }
+        if self.bodiless && f.before_response {
+            if let Some(resp) = self.back_off(req, ctx, &f.reason) {
+                return Some(resp);
+            }
+            if matches!(self.phase, Phase::Backoff(_)) {
+                return None;
+            }
+        }
+        self.phase = Phase::Idle;
+        Some(answer(f, ctx, self.addr))
+    }
+
+    /// Moves the lease to another server and arms the backoff timer; the
+    /// phase stays as it was when no retry is allowed.
+    fn back_off(&mut self, req: &Request, ctx: &mut Context, why: &str) -> Option<Response> {
+        let previous = self.addr;
+        let next = next_server(ctx, req)?;
+        let lease = ctx.get_mut::<Lease>().expect("a retry needs a lease");
+        let delay = lease.group().retry.backoff(lease.retries());
+        log::info!("{} upstream {previous}: {why}; retrying on {next} in {delay:?}", ctx.request_id);
+        self.addr = next;
+        match Timer::new(delay) {
+            Ok(timer) => {
+                self.phase = Phase::Backoff(timer);
+                None
+            }
+            Err(e) => Some(answer(Failure::new(502, format!("cannot wait to retry: {e}")), ctx, next)),
+        }
+    }
+
+    /// Reads what arrived; the response once its head is complete.
+    fn progress(&mut self, req: &Request, client: &mut Downstream, ctx: &mut Context) -> Result<Option<Response>, Failure> {
+        match self.read_head(client) {
+            Ok(None) => Ok(None),
+            Ok(Some((head, kind))) => {
+                record(ctx, Outcome::Status(head.status));
+                if self.bodiless && self.retries_status(&head, ctx) {
+                    let why = format!("status {}", head.status);
+                    if let Some(resp) = self.back_off(req, ctx, &why) {
+                        return Ok(Some(resp));
+                    }
+                    if matches!(self.phase, Phase::Backoff(_)) {
+                        return Ok(None);
+                    }
+                }
+                Ok(Some(self.respond(head, kind)))
+            }
+            Err(f) if f.before_response && self.replay => {
+                self.replay = false;
+                log::debug!("{} reused connection to {} closed; retrying", ctx.request_id, self.addr);
+                let mut conn = self.pool.checkout_fresh(self.addr).map_err(Failure::pool)?;
+                let up = conn.conn();
+                up.stream
+                    .write_all(&self.head)
+                    .map_err(|e| Failure::upstream_io("write", &e, false))?;
+                self.phase = Phase::Waiting(conn);
+                Ok(None)
+            }
+            Err(f) => Err(f),
+        }
+    }
+
+    /// Whether the lease's group retries this status; a Retry-After it
+    /// carries keeps the server out of rotation that long.
+    fn retries_status(&self, head: &ResponseHead, ctx: &mut Context) -> bool {
+        let Some(lease) = ctx.get_mut::<Lease>() else { return false };
+        if !lease.group().retry.retries_status(head.status) {
+            return false;
+        }
+        if let Some(hold) = head.headers.get("retry-after").and_then(retry_after) {
+            lease.server().hold_for(hold.min(MAX_RETRY_AFTER));
+        }
+        true
     }
 
     /// One read (the socket is readable, so it does not block), then as much
     /// of the head as that completes. 1xx responses go on to the client.
     fn read_head(&mut self, client: &mut Downstream) -> Result<Option<(ResponseHead, BodyKind)>, Failure> {
-        let up = self.conn.as_mut().expect("held until answered").conn();
+        let Phase::Waiting(conn) = &mut self.phase else {
+            unreachable!("read only while waiting")
+        };
+        let up = conn.conn();
         match up.buf.read_from(&mut up.stream) {
             Ok(0) => {
                 return Err(Failure {
-                    status: 502,
-                    reason: "upstream closed the connection without a response".into(),
                     before_response: !self.received_any,
+                    ..Failure::new(502, "upstream closed the connection without a response")
                 })
             }
             Ok(_) => self.received_any = true,
@@ -294,7 +408,9 @@ impl AwaitResponse {
 
     /// The response as the client gets it, its body read straight off the upstream.
     fn respond(&mut self, mut head: ResponseHead, kind: BodyKind) -> Response {
-        let conn = self.conn.take().expect("held until answered");
+        let Phase::Waiting(conn) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+            unreachable!("a response comes only while waiting")
+        };
         let reusable = head.keep_alive() && kind != BodyKind::UntilClose;
         strip_hop_by_hop(&mut head.headers);
         add_via(&mut head.headers, head.version, &self.via);
@@ -317,6 +433,16 @@ impl AwaitResponse {
         };
         Response { head, body }
     }
+}
+
+/// A Retry-After longer than this is held to it: the server may recover sooner.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// Another server for a retry, when the request has a lease that allows one.
+fn next_server(ctx: &mut Context, req: &Request) -> Option<SocketAddr> {
+    let next = ctx.get_mut::<Lease>()?.retry(&req.method)?;
+    ctx.upstream = Some(next);
+    Some(next)
 }
 
 /// Streams the request body upstream, re-framing chunked bodies.

@@ -3,6 +3,7 @@
 //! Every section denies unknown keys, so a typo is an error naming the key and
 //! its line (toml reports the span) instead of a silently ignored setting.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::num::{NonZeroU8, NonZeroUsize};
@@ -12,6 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use crate::modules::ModulesConfig;
+use crate::upstream::config::{GroupConfig, RouteConfig};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -21,6 +23,10 @@ pub struct Config {
     pub pool: PoolConfig,
     pub log: LogConfig,
     pub modules: ModulesConfig,
+    /// Named groups of servers that routes send requests to.
+    pub upstreams: BTreeMap<String, GroupConfig>,
+    /// First match wins; unmatched requests go to `server.backend_addr`.
+    pub routes: Vec<RouteConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -202,7 +208,11 @@ pub enum Source {
 
 impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        crate::upstream::config::validate(&config.upstreams, &config.routes, text)
+            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        Ok(config)
     }
 
     /// Reads `path`; a missing file gives the defaults, any other problem is an error.
@@ -284,11 +294,13 @@ mod tests {
         // The pipeline it builds: same modules, same priorities.
         let order = |config: &Config| {
             let pool = crate::pool::Pool::new(crate::pool::PoolLimits::from_config(config));
+            let upstreams = crate::upstream::Upstreams::from_config(config).unwrap();
             let stages = crate::modules::build_all(
                 &config.modules,
                 &BuildEnv {
                     config,
                     pool: &pool,
+                    upstreams: &upstreams,
                 },
             )
             .unwrap();

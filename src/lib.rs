@@ -15,3 +15,4 @@ pub mod modules;
 pub mod pipeline;
 pub mod pool;
 pub mod server;
+pub mod upstream;

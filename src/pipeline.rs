@@ -22,6 +22,7 @@ use crate::http::body::BodyError;
 use crate::http::{Request, ResponseHead};
 use crate::pool::Pool;
 pub use crate::server::Downstream;
+use crate::upstream::Upstreams;
 
 /// One stage's behaviour. Hooks run on worker threads, concurrently for
 /// different requests, so a module keeps shared state behind atomics or locks.
@@ -114,6 +115,57 @@ impl Signal {
                 8,
             )
         };
+    }
+
+    pub fn fd(&self) -> RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.0)
+    }
+}
+
+impl Signal {
+    /// Consumes the notifications so far, so the fd waits for the next one.
+    pub fn clear(&self) {
+        let mut count = [0u8; 8];
+        // SAFETY: reads 8 bytes into a valid buffer from our non-blocking eventfd.
+        unsafe { libc::read(self.fd(), count.as_mut_ptr().cast(), 8) };
+    }
+}
+
+/// A file descriptor that becomes readable once a delay has passed: for a
+/// [`PendingResponse`] that waits out a backoff without holding a thread.
+pub struct Timer(std::os::fd::OwnedFd);
+
+impl Timer {
+    pub fn new(after: Duration) -> std::io::Result<Timer> {
+        // SAFETY: plain syscall; the fd is owned from here on.
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_CLOEXEC | libc::TFD_NONBLOCK,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        let timer = Timer(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) });
+        // A zero expiry would disarm it: at least a nanosecond.
+        let after = after.max(Duration::from_nanos(1));
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: after.as_secs() as libc::time_t,
+                tv_nsec: after.subsec_nanos().into(),
+            },
+        };
+        // SAFETY: arms our own timerfd with a valid itimerspec.
+        if unsafe { libc::timerfd_settime(fd, 0, &spec, std::ptr::null_mut()) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(timer)
     }
 
     pub fn fd(&self) -> RawFd {
@@ -353,6 +405,8 @@ fn guarded<T>(
 pub struct BuildEnv<'a> {
     pub config: &'a Config,
     pub pool: &'a Arc<Pool>,
+    /// Upstream groups and routes, shared by the stages that act on them.
+    pub upstreams: &'a Arc<Upstreams>,
 }
 
 /// A module that could not be built; names the module.

@@ -28,6 +28,7 @@ use crate::http::Limits;
 use crate::modules;
 use crate::pipeline::{BuildEnv, Pipeline, Stage};
 use crate::pool::{Pool, PoolLimits};
+use crate::upstream::Upstreams;
 use connection::{Conn, Next};
 use parked::{Parked, Waiting};
 use reactor::Reactor;
@@ -67,6 +68,7 @@ pub struct Shared {
 pub struct Server {
     shared: Arc<Shared>,
     local_addr: SocketAddr,
+    upstreams: Arc<Upstreams>,
 }
 
 impl Server {
@@ -74,11 +76,13 @@ impl Server {
     /// (script modules, plugins), binds the listener and starts the workers.
     pub fn start(config: &Config, extra: Vec<Stage>) -> Result<Server, Box<dyn std::error::Error>> {
         let pool = Pool::new(PoolLimits::from_config(config));
+        let upstreams = Upstreams::from_config(config)?;
         let mut stages = modules::build_all(
             &config.modules,
             &BuildEnv {
                 config,
                 pool: &pool,
+                upstreams: &upstreams,
             },
         )?;
         stages.extend(extra);
@@ -147,11 +151,20 @@ impl Server {
             shared.workers.min,
             stages.join(" → ")
         );
-        Ok(Server { shared, local_addr })
+        Ok(Server {
+            shared,
+            local_addr,
+            upstreams,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The upstream groups, for changing a server's state at run time.
+    pub fn upstreams(&self) -> &Arc<Upstreams> {
+        &self.upstreams
     }
 
     /// Stops accepting, closes idle connections, and waits up to `timeout`

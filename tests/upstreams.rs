@@ -1,0 +1,742 @@
+//! Upstream groups through the real proxy, with several real backend
+//! sockets: routing, each balancing algorithm, server states, active and
+//! passive health, the circuit breaker, retries and queueing.
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A backend that answers 200 with its name.
+fn named(name: &'static str) -> Backend {
+    Backend::start(move |_| response(200, &[], name.as_bytes()))
+}
+
+fn count(backend: &Backend) -> usize {
+    backend.requests.lock().unwrap().len()
+}
+
+/// An address nothing listens on: connections are refused.
+fn closed_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A proxy whose `api` group has `servers` (TOML inline tables) and `extra`
+/// keys, with every request routed to it.
+fn proxy_for(group: &str, servers: &[String], extra: &str) -> Proxy {
+    let fallback = closed_port();
+    Proxy::with(
+        fallback,
+        Conf {
+            server: "",
+            rest: &format!(
+                "[upstreams.api]\n{group}\nservers = [{}]\n{extra}\n[[routes]]\npath_prefix = \"/\"\nupstream = \"api\"\n",
+                servers.join(", ")
+            ),
+        },
+    )
+}
+
+fn server(addr: SocketAddr, more: &str) -> String {
+    format!("{{ addr = \"{addr}\"{more} }}")
+}
+
+/// `n` GETs over one keep-alive connection; the response bodies.
+fn bodies(proxy: &Proxy, n: usize, path: &str, headers: impl Fn(usize) -> String) -> Vec<String> {
+    let mut client = Client::connect(proxy.addr);
+    (0..n)
+        .map(|i| {
+            client.send(format!(
+                "GET {path} HTTP/1.1\r\nHost: test\r\n{}\r\n",
+                headers(i)
+            ));
+            let resp = client.response();
+            assert_eq!(resp.status, 200, "{}", resp.text());
+            resp.text()
+        })
+        .collect()
+}
+
+fn assert_share(counts: &[usize], weights: &[usize]) {
+    let total: usize = counts.iter().sum();
+    let weight: usize = weights.iter().sum();
+    for (c, w) in counts.iter().zip(weights) {
+        let expected = total * w / weight;
+        let off = (*c as f64 - expected as f64).abs() / expected as f64;
+        assert!(off <= 0.05, "counts {counts:?} against weights {weights:?}");
+    }
+}
+
+/// Spreads 10,000 requests with `algorithm` over servers of weights 5, 3, 2.
+fn spread(algorithm: &str) -> Vec<usize> {
+    let backends = [named("a"), named("b"), named("c")];
+    let servers: Vec<String> = backends
+        .iter()
+        .zip([5, 3, 2])
+        .map(|(b, w)| server(b.addr, &format!(", weight = {w}")))
+        .collect();
+    let proxy = proxy_for(&format!("algorithm = \"{algorithm}\""), &servers, "");
+    bodies(&proxy, 10_000, "/", |_| String::new());
+    backends.iter().map(count).collect()
+}
+
+#[test]
+fn weighted_algorithms_follow_the_weights_over_10000_requests() {
+    for algorithm in ["weighted_round_robin", "least_conn", "p2c"] {
+        let counts = spread(algorithm);
+        assert_share(&counts, &[5, 3, 2]);
+    }
+}
+
+#[test]
+fn round_robin_spreads_evenly() {
+    let counts = spread("round_robin");
+    assert_share(&counts, &[1, 1, 1]);
+}
+
+#[test]
+fn least_conn_sends_new_requests_away_from_a_busy_server() {
+    let slow = Backend::start(|req| {
+        if req.target == "/slow" {
+            thread::sleep(Duration::from_millis(1500));
+        }
+        response(200, &[], b"slow")
+    });
+    let fast = named("fast");
+    let proxy = proxy_for(
+        "algorithm = \"least_conn\"",
+        &[server(slow.addr, ""), server(fast.addr, "")],
+        "",
+    );
+    // Two requests in flight on the slow server (ties go to it first).
+    let addr = proxy.addr;
+    let pending: Vec<_> = (0..2)
+        .map(|_| thread::spawn(move || get(addr, "/slow").text()))
+        .collect();
+    thread::sleep(Duration::from_millis(300));
+    let busy = count(&slow);
+    let answered = bodies(&proxy, 20, "/", |_| String::new());
+    assert!(answered.iter().all(|b| b == "fast"), "{answered:?}");
+    assert_eq!(count(&slow), busy);
+    for p in pending {
+        p.join().unwrap();
+    }
+}
+
+#[test]
+fn consistent_hash_keeps_users_on_their_server_and_moves_only_those_of_a_server_that_left() {
+    let backends = [named("a"), named("b"), named("c")];
+    let all: Vec<String> = backends.iter().map(|b| server(b.addr, "")).collect();
+    let user = |i: usize| format!("X-User: user-{}\r\n", i % 300);
+    let group = "algorithm = \"consistent_hash\"\nhash_key = \"header:X-User\"";
+
+    let proxy = proxy_for(group, &all, "");
+    let first = bodies(&proxy, 600, "/", user);
+    for i in 0..300 {
+        assert_eq!(first[i], first[i + 300], "user-{i} moved between requests");
+    }
+    for name in ["a", "b", "c"] {
+        let users = first[..300].iter().filter(|b| *b == name).count();
+        assert!(
+            (50..=150).contains(&users),
+            "{name} has {users} of 300 users"
+        );
+    }
+    drop(proxy);
+
+    // b leaves: its users spread over a and c; nobody else moves.
+    let proxy = proxy_for(group, &[all[0].clone(), all[2].clone()], "");
+    let after = bodies(&proxy, 300, "/", user);
+    for i in 0..300 {
+        if first[i] == "b" {
+            assert_ne!(after[i], "b");
+        } else {
+            assert_eq!(
+                after[i], first[i],
+                "user-{i} moved though its server stayed"
+            );
+        }
+    }
+}
+
+#[test]
+fn hashing_on_a_cookie_or_the_client_ip_is_sticky() {
+    let backends = [named("a"), named("b"), named("c")];
+    let all: Vec<String> = backends.iter().map(|b| server(b.addr, "")).collect();
+
+    let proxy = proxy_for(
+        "algorithm = \"consistent_hash\"\nhash_key = \"cookie:session\"",
+        &all,
+        "",
+    );
+    let by_cookie = bodies(&proxy, 200, "/", |i| {
+        format!("Cookie: theme=dark; session=s{}\r\n", i % 50)
+    });
+    for i in 0..150 {
+        assert_eq!(by_cookie[i], by_cookie[i + 50], "session s{} moved", i % 50);
+    }
+    assert!(
+        ["a", "b", "c"]
+            .iter()
+            .all(|n| by_cookie.iter().any(|b| b == n)),
+        "{by_cookie:?}"
+    );
+
+    let proxy = proxy_for("algorithm = \"ip_hash\"", &all, "");
+    let by_ip = bodies(&proxy, 30, "/", |_| String::new());
+    assert!(by_ip.iter().all(|b| *b == by_ip[0]), "{by_ip:?}");
+}
+
+#[test]
+fn routes_match_host_path_method_and_header_first_match_wins() {
+    let (api, canary, static_files, exact, regex, fallback) = (
+        named("api"),
+        named("canary"),
+        named("static"),
+        named("exact"),
+        named("regex"),
+        named("fallback"),
+    );
+    let group = |name: &str, b: &Backend| {
+        format!("[upstreams.{name}]\nservers = [{}]\n", server(b.addr, ""))
+    };
+    let config = format!(
+        "[server]\nlisten_addr = \"127.0.0.1:0\"\nbackend_addr = \"{}\"\n{}{}{}{}{}\
+         [[routes]]\nhost = \"api.example.com\"\npath_prefix = \"/v1/\"\nheader = {{ \"X-Canary\" = \"1\" }}\nupstream = \"canary\"\n\
+         [[routes]]\nhost = \"api.example.com\"\npath_prefix = \"/v1/\"\nupstream = \"api\"\nstrip_prefix = true\n\
+         [[routes]]\npath_prefix = \"/assets/\"\nreplace_prefix = \"/static/\"\nmethod = \"GET\"\nupstream = \"static\"\n\
+         [[routes]]\npath_exact = \"/health\"\nupstream = \"exact\"\n\
+         [[routes]]\npath_regex = \"^/items/[0-9]+$\"\nupstream = \"regex\"\n",
+        fallback.addr,
+        group("api", &api),
+        group("canary", &canary),
+        group("static", &static_files),
+        group("exact", &exact),
+        group("regex", &regex),
+    );
+    let proxy = Proxy::from_config(&config);
+    let send = |raw: &str| request(proxy.addr, raw).text();
+
+    assert_eq!(
+        send("GET /v1/users?page=2 HTTP/1.1\r\nHost: API.example.com:3000\r\n\r\n"),
+        "api"
+    );
+    assert_eq!(api.last().target, "/users?page=2", "prefix stripped");
+    assert_eq!(
+        send("GET /v1/users HTTP/1.1\r\nHost: api.example.com\r\nX-Canary: 1\r\n\r\n"),
+        "canary"
+    );
+    assert_eq!(
+        canary.last().target,
+        "/v1/users",
+        "canary route does not strip"
+    );
+    assert_eq!(
+        send("GET /v1/users HTTP/1.1\r\nHost: www.example.com\r\n\r\n"),
+        "fallback",
+        "host must match"
+    );
+    assert_eq!(
+        send("GET /assets/app.js HTTP/1.1\r\nHost: x\r\n\r\n"),
+        "static"
+    );
+    assert_eq!(
+        static_files.last().target,
+        "/static/app.js",
+        "prefix replaced"
+    );
+    assert_eq!(
+        send("POST /assets/app.js HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"),
+        "fallback",
+        "method must match"
+    );
+    assert_eq!(send("GET /health HTTP/1.1\r\nHost: x\r\n\r\n"), "exact");
+    assert_eq!(
+        send("GET /health/deep HTTP/1.1\r\nHost: x\r\n\r\n"),
+        "fallback",
+        "exact is exact"
+    );
+    assert_eq!(send("GET /items/42 HTTP/1.1\r\nHost: x\r\n\r\n"), "regex");
+    assert_eq!(
+        send("GET /items/abc HTTP/1.1\r\nHost: x\r\n\r\n"),
+        "fallback"
+    );
+}
+
+#[test]
+fn backups_serve_only_while_every_primary_is_out() {
+    let (primary, backup) = (named("primary"), named("backup"));
+    let proxy = proxy_for(
+        "",
+        &[
+            server(primary.addr, ""),
+            server(backup.addr, ", backup = true"),
+        ],
+        "",
+    );
+    assert!(bodies(&proxy, 10, "/", |_| String::new())
+        .iter()
+        .all(|b| b == "primary"));
+    assert_eq!(count(&backup), 0);
+
+    let proxy = proxy_for(
+        "",
+        &[
+            server(primary.addr, ", state = \"down\""),
+            server(backup.addr, ", backup = true"),
+        ],
+        "",
+    );
+    assert!(bodies(&proxy, 10, "/", |_| String::new())
+        .iter()
+        .all(|b| b == "backup"));
+}
+
+#[test]
+fn an_empty_or_all_down_group_answers_503() {
+    let down = named("down");
+    for servers in [
+        vec![],
+        vec![
+            server(down.addr, ", state = \"down\""),
+            server(down.addr, ", state = \"draining\""),
+        ],
+    ] {
+        let mut proxy = proxy_for("", &servers, "");
+        let resp = get(proxy.addr, "/");
+        assert_eq!(resp.status, 503);
+        assert!(
+            resp.text().contains("no server available in upstream api"),
+            "{}",
+            resp.text()
+        );
+        proxy.wait_for_log("upstream api: no server available → 503");
+        // Still serving.
+        assert_eq!(get(proxy.addr, "/").status, 503);
+    }
+    assert_eq!(count(&down), 0);
+}
+
+#[test]
+fn active_health_checks_take_a_server_out_and_bring_it_back() {
+    let healthy = Arc::new(AtomicBool::new(true));
+    let flag = healthy.clone();
+    let checked = Backend::start(move |req| match req.target.as_str() {
+        "/healthz" if flag.load(Ordering::SeqCst) => response(200, &[], b"ok"),
+        "/healthz" => response(500, &[], b"sick"),
+        _ => response(200, &[], b"checked"),
+    });
+    let other = named("other");
+    let mut proxy = proxy_for(
+        "",
+        &[server(checked.addr, ""), server(other.addr, "")],
+        "[upstreams.api.health]\npath = \"/healthz\"\ninterval = \"100ms\"\ntimeout = \"500ms\"\nrise = 2\nfall = 3\n",
+    );
+    let serves_checked = |proxy: &Proxy| {
+        bodies(proxy, 6, "/", |_| String::new())
+            .iter()
+            .any(|b| b == "checked")
+    };
+    assert!(serves_checked(&proxy));
+
+    // fall × interval = 300ms; allow a probe in flight and scheduling slack.
+    healthy.store(false, Ordering::SeqCst);
+    let flipped = Instant::now();
+    while serves_checked(&proxy) {
+        assert!(
+            flipped.elapsed() < Duration::from_millis(900),
+            "still in after {:?}",
+            flipped.elapsed()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    proxy.wait_for_log("health check failed 3 times (status 500); taken out");
+
+    healthy.store(true, Ordering::SeqCst);
+    let flipped = Instant::now();
+    while !serves_checked(&proxy) {
+        assert!(
+            flipped.elapsed() < Duration::from_millis(800),
+            "still out after {:?}",
+            flipped.elapsed()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    proxy.wait_for_log("health check passed 2 times; back in");
+}
+
+#[test]
+fn tcp_health_checks_notice_a_server_that_stopped_listening() {
+    let live = named("live");
+    let gone = closed_port();
+    let mut proxy = proxy_for(
+        "",
+        &[server(live.addr, ""), server(gone, "")],
+        "[upstreams.api.health]\ninterval = \"100ms\"\nfall = 2\n",
+    );
+    proxy.wait_for_log(&format!(
+        "server {gone}: health check failed 2 times (connect: Connection refused"
+    ));
+}
+
+#[test]
+fn passive_health_ejects_a_failing_server_for_a_growing_time() {
+    let failing = Backend::start(|_| response(500, &[], b"broken"));
+    let good = named("good");
+    let mut proxy = proxy_for(
+        "",
+        &[server(failing.addr, ""), server(good.addr, "")],
+        "[upstreams.api.outlier]\nmax_fails = 3\nejection = \"1s\"\nmax_ejection = \"10s\"\n",
+    );
+    let mut client = Client::connect(proxy.addr);
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        client.send("GET / HTTP/1.1\r\nHost: test\r\n\r\n");
+        statuses.push(client.response().status);
+    }
+    assert_eq!(
+        statuses,
+        [500, 200, 500, 200, 500, 200],
+        "round-robin until the third failure"
+    );
+    proxy.wait_for_log(&format!(
+        "server {}: 3 failures in a row; ejected for 1s",
+        failing.addr
+    ));
+    assert!(bodies(&proxy, 10, "/", |_| String::new())
+        .iter()
+        .all(|b| b == "good"));
+    assert_eq!(count(&failing), 3);
+
+    // Back after the ejection; three more failures eject it for longer.
+    thread::sleep(Duration::from_millis(1100));
+    for _ in 0..6 {
+        client.send("GET / HTTP/1.1\r\nHost: test\r\n\r\n");
+        client.response();
+    }
+    assert_eq!(count(&failing), 6);
+    proxy.wait_for_log("3 failures in a row; ejected for 2s");
+}
+
+#[test]
+fn the_circuit_breaker_opens_answers_503_then_probes_and_closes() {
+    let healthy = Arc::new(AtomicBool::new(false));
+    let flag = healthy.clone();
+    let backend = Backend::start(move |_| match flag.load(Ordering::SeqCst) {
+        true => response(200, &[], b"fine"),
+        false => response(503, &[], b"overloaded"),
+    });
+    let mut proxy = proxy_for(
+        "",
+        &[server(backend.addr, "")],
+        "[upstreams.api.circuit_breaker]\nconsecutive_failures = 3\nfailure_ratio = 0.0\nopen_for = \"1s\"\nhalf_open_probes = 1\n",
+    );
+    let mut client = Client::connect(proxy.addr);
+    let mut send = || {
+        client.send("GET / HTTP/1.1\r\nHost: test\r\n\r\n");
+        client.response()
+    };
+    for _ in 0..3 {
+        assert_eq!(send().status, 503);
+    }
+    assert_eq!(count(&backend), 3);
+    let rejected = send();
+    assert_eq!(rejected.status, 503);
+    assert!(rejected
+        .text()
+        .contains("circuit breaker open for upstream api"));
+    assert_eq!(rejected.header("retry-after"), Some("1"));
+    assert_eq!(count(&backend), 3, "an open breaker sends nothing upstream");
+    proxy.wait_for_log("circuit breaker open");
+
+    // After open_for, one probe goes through; it fails, so open again.
+    thread::sleep(Duration::from_millis(1100));
+    assert_eq!(send().text(), "overloaded");
+    assert!(send().text().contains("circuit breaker open"));
+    assert_eq!(count(&backend), 4);
+
+    healthy.store(true, Ordering::SeqCst);
+    thread::sleep(Duration::from_millis(1100));
+    assert_eq!(send().text(), "fine", "the probe");
+    for _ in 0..5 {
+        assert_eq!(send().text(), "fine", "closed again");
+    }
+    proxy.wait_for_log("circuit breaker closed");
+}
+
+#[test]
+fn a_refused_connection_is_retried_on_another_server_but_post_is_not() {
+    let good = named("good");
+    let dead = closed_port();
+    let mut proxy = proxy_for(
+        "",
+        &[server(dead, ""), server(good.addr, "")],
+        "[upstreams.api.outlier]\nmax_fails = 0\n",
+    );
+    // Round-robin sends the first request (and, as the retry takes a turn
+    // too, every later one) to the dead server first.
+    assert!(bodies(&proxy, 6, "/", |_| String::new())
+        .iter()
+        .all(|b| b == "good"));
+    assert_eq!(count(&good), 6);
+
+    let mut posts = Vec::new();
+    for _ in 0..2 {
+        let resp = request(
+            proxy.addr,
+            "POST /form HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi",
+        );
+        posts.push(resp.status);
+    }
+    posts.sort();
+    assert_eq!(
+        posts,
+        [200, 502],
+        "the POST that met the dead server is not retried"
+    );
+    proxy.wait_for_log("upstream refused the connection → 502");
+}
+
+#[test]
+fn a_connection_closed_before_the_response_is_retried_for_get_only() {
+    let hangs_up = Backend::raw(drop);
+    let good = named("good");
+    let proxy = proxy_for(
+        "",
+        &[server(hangs_up.addr, ""), server(good.addr, "")],
+        "[upstreams.api.outlier]\nmax_fails = 0\n",
+    );
+    assert!(bodies(&proxy, 6, "/", |_| String::new())
+        .iter()
+        .all(|b| b == "good"));
+    assert_eq!(
+        hangs_up.connections.load(Ordering::SeqCst),
+        6,
+        "each GET met it first"
+    );
+
+    let mut posts = Vec::new();
+    for _ in 0..2 {
+        posts.push(
+            request(
+                proxy.addr,
+                "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi",
+            )
+            .status,
+        );
+    }
+    posts.sort();
+    assert_eq!(posts, [200, 502]);
+}
+
+#[test]
+fn listed_statuses_are_retried_elsewhere_and_retry_after_is_respected() {
+    let busy = Backend::start(|_| response(503, &[("Retry-After", "2")], b"busy"));
+    let good = named("good");
+    let proxy = proxy_for(
+        "",
+        &[server(busy.addr, ""), server(good.addr, "")],
+        "[upstreams.api.retry]\nstatuses = [503]\n[upstreams.api.outlier]\nmax_fails = 0\n",
+    );
+    assert!(bodies(&proxy, 10, "/", |_| String::new())
+        .iter()
+        .all(|b| b == "good"));
+    assert_eq!(count(&busy), 1, "held out for its Retry-After");
+
+    // POST is not retried: the 503 goes to the client as it came.
+    let post = |proxy: &Proxy| {
+        request(
+            proxy.addr,
+            "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n",
+        )
+    };
+    thread::sleep(Duration::from_millis(2100));
+    let statuses: Vec<u16> = (0..2).map(|_| post(&proxy).status).collect();
+    assert!(statuses.contains(&503), "{statuses:?}");
+    assert_eq!(count(&busy), 2);
+}
+
+#[test]
+fn retries_stay_within_the_budget() {
+    let a = Backend::start(|_| response(503, &[], b"a"));
+    let b = Backend::start(|_| response(503, &[], b"b"));
+    let proxy = proxy_for(
+        "",
+        &[server(a.addr, ""), server(b.addr, "")],
+        "[upstreams.api.retry]\nstatuses = [503]\nbudget = 0.2\nbudget_burst = 2\nbackoff = \"1ms\"\n\
+         [upstreams.api.outlier]\nmax_fails = 0\n",
+    );
+    let mut client = Client::connect(proxy.addr);
+    for _ in 0..100 {
+        client.send("GET / HTTP/1.1\r\nHost: test\r\n\r\n");
+        assert_eq!(client.response().status, 503);
+    }
+    let upstream = count(&a) + count(&b);
+    // 100 first attempts, the burst of 2, and 20% of 100 earned on the way.
+    assert!(
+        (118..=122).contains(&upstream),
+        "{upstream} upstream requests for 100"
+    );
+}
+
+#[test]
+fn max_conns_queues_requests_and_a_full_queue_answers_503() {
+    let slow = Backend::start(|_| {
+        thread::sleep(Duration::from_millis(400));
+        response(200, &[], b"slow")
+    });
+    let proxy = proxy_for(
+        "queue_size = 1\nqueue_timeout = \"3s\"",
+        &[server(slow.addr, ", max_conns = 1")],
+        "",
+    );
+    let addr = proxy.addr;
+    let started = Instant::now();
+    let first = thread::spawn(move || get(addr, "/1"));
+    thread::sleep(Duration::from_millis(100));
+    let second = thread::spawn(move || (get(addr, "/2"), started.elapsed()));
+    thread::sleep(Duration::from_millis(100));
+    let third = get(addr, "/3");
+    assert_eq!(third.status, 503, "the queue holds one");
+    assert!(
+        third.text().contains("connection limit"),
+        "{}",
+        third.text()
+    );
+    assert_eq!(first.join().unwrap().status, 200);
+    let (second, took) = second.join().unwrap();
+    assert_eq!(second.status, 200, "queued, then served");
+    assert!(
+        took >= Duration::from_millis(750),
+        "served after the first: {took:?}"
+    );
+
+    let proxy = proxy_for(
+        "queue_size = 10\nqueue_timeout = \"200ms\"",
+        &[server(slow.addr, ", max_conns = 1")],
+        "",
+    );
+    let addr = proxy.addr;
+    let first = thread::spawn(move || get(addr, "/1"));
+    thread::sleep(Duration::from_millis(100));
+    let waited = Instant::now();
+    let late = get(addr, "/2");
+    assert_eq!(late.status, 503);
+    assert!(
+        late.text().contains("free within the queue timeout"),
+        "{}",
+        late.text()
+    );
+    assert!(
+        waited.elapsed() < Duration::from_millis(390),
+        "{:?}",
+        waited.elapsed()
+    );
+    assert_eq!(first.join().unwrap().status, 200);
+}
+
+#[test]
+fn servers_given_by_name_are_resolved() {
+    let backend = named("by-name");
+    let proxy = proxy_for(
+        "",
+        &[format!(
+            "{{ addr = \"localhost:{}\" }}",
+            backend.addr.port()
+        )],
+        "",
+    );
+    assert_eq!(get(proxy.addr, "/").text(), "by-name");
+}
+
+#[test]
+fn upstream_config_mistakes_name_the_key_and_line() {
+    let base = "[server]\nlisten_addr = \"127.0.0.1:0\"\n";
+    for (rest, needles) in [
+        (
+            "[upstreams.api]\nservers = []\n\n[[routes]]\npath_prefix = \"/\"\nupstream = \"apj\"\n",
+            &["line 8", "routes[0].upstream", "[upstreams.apj]"][..],
+        ),
+        ("[upstreams.api]\nalgorithm = \"fastest\"\nservers = []\n", &["line 4", "fastest"]),
+        ("[upstreams.api]\nalgorithm = \"consistent_hash\"\nservers = []\n", &["upstreams.api", "needs hash_key"]),
+        (
+            "[upstreams.api]\nservers = [{ addr = \"no-such-host.invalid:80\" }]\n",
+            &["line 4", "upstreams.api.servers[0].addr", "cannot resolve"],
+        ),
+        ("[upstreams.api]\nservers = [{ addr = \"127.0.0.1:80\", weight = 0 }]\n", &["line 4", "weight 0"]),
+        ("[[routes]]\npath_regex = \"([a-\"\nupstream = \"x\"\n", &["line 4", "path_regex"]),
+        (
+            "[upstreams.api]\nservers = []\n[[routes]]\npath_exact = \"/\"\nstrip_prefix = true\nupstream = \"api\"\n",
+            &["routes[0]", "need path_prefix"],
+        ),
+        ("[upstreams.api]\nservers = []\n[upstreams.api.health]\nrise = 2\nintervall = \"1s\"\n", &["line 7", "intervall"]),
+    ] {
+        let out = refused_start(&format!("{base}{rest}"));
+        for needle in needles {
+            assert!(out.contains(needle), "{rest:?}: {needle:?} not in {out}");
+        }
+    }
+}
+
+/// Runs the real server loop in-process to change a server's state live.
+#[test]
+fn a_draining_server_finishes_its_requests_and_takes_no_new_ones() {
+    use proxycache::config::Config;
+    use proxycache::server::Server;
+    use proxycache::upstream::config::AdminState;
+
+    let draining = Backend::start(|req| {
+        if req.target == "/slow" {
+            thread::sleep(Duration::from_millis(800));
+        }
+        response(200, &[], b"draining")
+    });
+    let other = named("other");
+    let text = format!(
+        "[server]\nlisten_addr = \"127.0.0.1:0\"\nworkers = 4\n[log]\naccess_log = \"off\"\n\
+         [upstreams.api]\nservers = [{}, {}]\n[[routes]]\npath_prefix = \"/\"\nupstream = \"api\"\n",
+        server(draining.addr, ""),
+        server(other.addr, "")
+    );
+    let config = Config::parse(&text, std::path::Path::new("test.toml")).unwrap();
+    let proxy = Server::start(&config, Vec::new()).unwrap();
+    let addr = proxy.local_addr();
+
+    // Round-robin starts with the first server.
+    let in_flight = thread::spawn(move || get(addr, "/slow"));
+    thread::sleep(Duration::from_millis(200));
+    let name = draining.addr.to_string();
+    proxy
+        .upstreams()
+        .set_state("api", &name, AdminState::Draining)
+        .unwrap();
+    for _ in 0..10 {
+        assert_eq!(get(addr, "/").text(), "other");
+    }
+    let finished = in_flight.join().unwrap();
+    assert_eq!(
+        (finished.status, finished.text().as_str()),
+        (200, "draining")
+    );
+    assert_eq!(count(&draining), 1);
+
+    proxy
+        .upstreams()
+        .set_state("api", &name, AdminState::Up)
+        .unwrap();
+    let answered: Vec<String> = (0..4).map(|_| get(addr, "/").text()).collect();
+    assert!(answered.iter().any(|b| b == "draining"), "{answered:?}");
+    assert!(proxy
+        .upstreams()
+        .set_state("api", "10.9.9.9:1", AdminState::Down)
+        .is_err());
+    proxy.shutdown(Duration::from_secs(1));
+}
