@@ -740,3 +740,51 @@ fn a_draining_server_finishes_its_requests_and_takes_no_new_ones() {
         .is_err());
     proxy.shutdown(Duration::from_secs(1));
 }
+
+#[test]
+fn a_server_back_in_rotation_ramps_up_over_slow_start() {
+    use proxycache::config::Config;
+    use proxycache::server::Server;
+    use proxycache::upstream::config::AdminState;
+
+    let (back, steady) = (named("back"), named("steady"));
+    let text = format!(
+        "[server]\nlisten_addr = \"127.0.0.1:0\"\nworkers = 2\n[log]\naccess_log = \"off\"\n\
+         [upstreams.api]\nalgorithm = \"weighted_round_robin\"\nslow_start = \"3s\"\nservers = [{}, {}]\n\
+         [[routes]]\npath_prefix = \"/\"\nupstream = \"api\"\n",
+        server(back.addr, ""),
+        server(steady.addr, "")
+    );
+    let config = Config::parse(&text, std::path::Path::new("test.toml")).unwrap();
+    let proxy = Server::start(&config, Vec::new()).unwrap();
+    let mut client = Client::connect(proxy.local_addr());
+    let mut share_of_back = |n: usize| {
+        let before = count(&back);
+        for _ in 0..n {
+            client.send("GET / HTTP/1.1\r\nHost: test\r\n\r\n");
+            assert_eq!(client.response().status, 200);
+        }
+        (count(&back) - before) as f64 / n as f64
+    };
+    assert!(
+        (0.45..=0.55).contains(&share_of_back(100)),
+        "equal weights at start"
+    );
+
+    let name = back.addr.to_string();
+    proxy
+        .upstreams()
+        .set_state("api", &name, AdminState::Down)
+        .unwrap();
+    assert_eq!(share_of_back(20), 0.0);
+    proxy
+        .upstreams()
+        .set_state("api", &name, AdminState::Up)
+        .unwrap();
+    let first = share_of_back(50);
+    assert!(first < 0.15, "just back: {first}");
+    thread::sleep(Duration::from_millis(3000));
+    let later = share_of_back(100);
+    assert!((0.45..=0.55).contains(&later), "ramped up: {later}");
+    proxy.shutdown(Duration::from_secs(1));
+}
