@@ -788,3 +788,41 @@ fn a_server_back_in_rotation_ramps_up_over_slow_start() {
     assert!((0.45..=0.55).contains(&later), "ramped up: {later}");
     proxy.shutdown(Duration::from_secs(1));
 }
+
+#[test]
+fn the_documented_example_config_is_accepted() {
+    let example = r#"
+[server]
+listen_addr = "127.0.0.1:0"
+
+[upstreams.api]
+algorithm = "weighted_round_robin"  # round_robin | weighted_round_robin | least_conn | p2c | ip_hash | consistent_hash
+hash_key = "header:X-User"            # for consistent_hash: header:NAME | cookie:NAME | ip
+servers = [
+  { addr = "127.0.0.1:8081", weight = 3 },
+  { addr = "127.0.0.1:8082", weight = 1 },
+  { addr = "127.0.0.1:8083", backup = true },
+]
+[upstreams.api.health]
+path = "/healthz"
+interval = "2s"
+timeout = "1s"
+rise = 2
+fall = 3
+
+[[routes]]
+host = "api.example.com"   # optional
+path_prefix = "/v1/"        # or path_exact / path_regex
+header = { "X-Canary" = "1" }  # optional
+upstream = "api"
+strip_prefix = false
+"#;
+    let mut proxy = Proxy::from_config(example);
+    proxy.wait_for_log("upstreams.api.hash_key is used only by algorithm consistent_hash; ignored");
+    // Its servers are not running: the request gets a precise 502.
+    let resp = request(
+        proxy.addr,
+        "GET /v1/x HTTP/1.1\r\nHost: api.example.com\r\nX-Canary: 1\r\n\r\n",
+    );
+    assert_eq!(resp.status, 502);
+}

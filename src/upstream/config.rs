@@ -15,9 +15,9 @@ use crate::config::Dur;
 pub struct GroupConfig {
     #[serde(default)]
     pub algorithm: Algorithm,
-    /// What `consistent_hash` hashes; required by it, refused by the others.
+    /// What `consistent_hash` hashes; required by it, unused by the others.
     #[serde(default)]
-    pub hash_key: Option<toml::Spanned<HashKey>>,
+    pub hash_key: Option<HashKey>,
     pub servers: Vec<ServerConfig>,
     /// A server that comes back ramps its weight up over this long.
     #[serde(default)]
@@ -350,19 +350,10 @@ pub fn validate(
         }
     }
     for (name, group) in upstreams {
-        match (&group.hash_key, group.algorithm) {
-            (None, Algorithm::ConsistentHash) => {
-                return Err(format!(
-                    "upstreams.{name}: algorithm consistent_hash needs hash_key"
-                ))
-            }
-            (Some(key), algorithm) if algorithm != Algorithm::ConsistentHash => {
-                return Err(format!(
-                    "line {}: upstreams.{name}.hash_key: only for algorithm consistent_hash",
-                    line(key.span())
-                ))
-            }
-            _ => {}
+        if group.hash_key.is_none() && group.algorithm == Algorithm::ConsistentHash {
+            return Err(format!(
+                "upstreams.{name}: algorithm consistent_hash needs hash_key"
+            ));
         }
         for (i, server) in group.servers.iter().enumerate() {
             let addr = server.addr.get_ref();

@@ -140,7 +140,13 @@ impl Group {
         };
         let key = match c.algorithm {
             Algorithm::IpHash => Some(HashKey::ClientIp),
-            _ => c.hash_key.as_ref().map(|k| k.get_ref().clone()),
+            Algorithm::ConsistentHash => c.hash_key.clone(),
+            _ => {
+                if c.hash_key.is_some() {
+                    log::warn!("upstreams.{name}.hash_key is used only by algorithm consistent_hash; ignored");
+                }
+                None
+            }
         };
         Ok(Group {
             name: name.to_owned(),
