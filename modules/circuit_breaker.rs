@@ -10,7 +10,7 @@ use serde::Deserialize;
 use crate::http::Request;
 use crate::pipeline::{BuildEnv, Context, Downstream, Flow, Module, Response};
 use crate::upstream::breaker::{Admission, Permit};
-use crate::upstream::{Group, Routed, Upstreams};
+use crate::upstream::{Group, Upstreams};
 
 /// After the router has chosen the group, before a server is leased.
 pub const PRIORITY: i32 = 850;
@@ -52,10 +52,7 @@ impl Drop for Admitted {
 
 impl Module for Breakers {
     fn handle(&self, _: &mut Request, _: &mut Downstream, ctx: &mut Context) -> Flow {
-        let group = match ctx.get_mut::<Routed>() {
-            Some(Routed(group)) => group.clone(),
-            None => self.upstreams.default_group().clone(),
-        };
+        let group = self.upstreams.group_for(ctx);
         let Some(breaker) = &group.breaker else {
             return Flow::Continue;
         };

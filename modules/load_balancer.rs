@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use crate::http::Request;
 use crate::pipeline::{BuildEnv, Context, Downstream, Flow, Module, PendingResponse, Response, Resumed, Signal};
-use crate::upstream::{resolve, Choice, Group, Lease, Routed, Upstreams};
+use crate::upstream::{resolve, Choice, Group, Lease, Upstreams};
 
 /// After the router and the circuit breaker, before `proxy_core`.
 pub const PRIORITY: i32 = 900;
@@ -35,10 +35,7 @@ struct LoadBalancer {
 
 impl Module for LoadBalancer {
     fn handle(&self, req: &mut Request, _: &mut Downstream, ctx: &mut Context) -> Flow {
-        let group = match ctx.get_mut::<Routed>() {
-            Some(Routed(group)) => group.clone(),
-            None => self.upstreams.default_group().clone(),
-        };
+        let group = self.upstreams.group_for(ctx);
         let hash = group.hash(req, ctx.client_addr.ip());
         match lease(&group, hash, ctx) {
             Some(Choice::Full) => queue(group, hash, ctx),

@@ -294,22 +294,22 @@ impl Forward {
             record(ctx, Outcome::Failed);
         }
         if self.bodiless && f.before_response {
-            if let Some(resp) = self.back_off(req, ctx, &f.reason) {
-                return Some(resp);
-            }
-            if matches!(self.phase, Phase::Backoff(_)) {
-                return None;
+            match self.back_off(req, ctx, &f.reason) {
+                Retry::BackingOff => return None,
+                Retry::Failed(resp) => return Some(resp),
+                Retry::NotAllowed => {}
             }
         }
         self.phase = Phase::Idle;
         Some(answer(f, ctx, self.addr))
     }
 
-    /// Moves the lease to another server and arms the backoff timer; the
-    /// phase stays as it was when no retry is allowed.
-    fn back_off(&mut self, req: &Request, ctx: &mut Context, why: &str) -> Option<Response> {
+    /// Moves the lease to another server and arms the backoff timer.
+    fn back_off(&mut self, req: &Request, ctx: &mut Context, why: &str) -> Retry {
         let previous = self.addr;
-        let next = next_server(ctx, req)?;
+        let Some(next) = next_server(ctx, req) else {
+            return Retry::NotAllowed;
+        };
         let lease = ctx.get_mut::<Lease>().expect("a retry needs a lease");
         let delay = lease.group().retry.backoff(lease.retries());
         log::info!("{} upstream {previous}: {why}; retrying on {next} in {delay:?}", ctx.request_id);
@@ -317,9 +317,9 @@ impl Forward {
         match Timer::new(delay) {
             Ok(timer) => {
                 self.phase = Phase::Backoff(timer);
-                None
+                Retry::BackingOff
             }
-            Err(e) => Some(answer(Failure::new(502, format!("cannot wait to retry: {e}")), ctx, next)),
+            Err(e) => Retry::Failed(answer(Failure::new(502, format!("cannot wait to retry: {e}")), ctx, next)),
         }
     }
 
@@ -330,12 +330,10 @@ impl Forward {
             Ok(Some((head, kind))) => {
                 record(ctx, Outcome::Status(head.status));
                 if self.bodiless && self.retries_status(&head, ctx) {
-                    let why = format!("status {}", head.status);
-                    if let Some(resp) = self.back_off(req, ctx, &why) {
-                        return Ok(Some(resp));
-                    }
-                    if matches!(self.phase, Phase::Backoff(_)) {
-                        return Ok(None);
+                    match self.back_off(req, ctx, &format!("status {}", head.status)) {
+                        Retry::BackingOff => return Ok(None),
+                        Retry::Failed(resp) => return Ok(Some(resp)),
+                        Retry::NotAllowed => {}
                     }
                 }
                 Ok(Some(self.respond(head, kind)))
@@ -433,6 +431,15 @@ impl Forward {
         };
         Response { head, body }
     }
+}
+
+/// What came of trying to retry a failed attempt.
+enum Retry {
+    /// On another server, once the backoff timer fires.
+    BackingOff,
+    /// Policy, budget or servers allow none: the failure stands.
+    NotAllowed,
+    Failed(Response),
 }
 
 /// A Retry-After longer than this is held to it: the server may recover sooner.

@@ -32,7 +32,7 @@ use self::route::Route;
 use self::server::{Ejection, Server};
 use crate::config::Config;
 use crate::http::Request;
-use crate::pipeline::Signal;
+use crate::pipeline::{Context, Signal};
 
 /// Every group, the routes to them, and the group of `server.backend_addr`
 /// that takes what no route matches.
@@ -68,9 +68,12 @@ impl Upstreams {
         self.routes.iter().find(|r| r.matches(req))
     }
 
-    /// The group of `server.backend_addr`.
-    pub fn default_group(&self) -> &Arc<Group> {
-        &self.default
+    /// The group the router chose for this request, else that of `server.backend_addr`.
+    pub fn group_for(&self, ctx: &mut Context) -> Arc<Group> {
+        match ctx.get_mut::<Routed>() {
+            Some(Routed(group)) => group.clone(),
+            None => self.default.clone(),
+        }
     }
 
     /// The configured groups, then the default one.
