@@ -256,8 +256,15 @@ impl Forward {
     /// cannot be opened: nothing reached the first) and sends the request.
     fn send(&mut self, req: &Request, downstream: &mut Downstream, ctx: &mut Context) -> Result<(), Failure> {
         self.phase = Phase::Idle;
+        // A request that can be sent twice is, on a fresh connection, if a
+        // reused one turns out closed: no need to peek at it first.
+        let replayable = req.is_idempotent() && self.bodiless;
         let mut conn = loop {
-            match self.pool.checkout(self.addr) {
+            let checkout = match replayable {
+                true => self.pool.checkout_unchecked(self.addr),
+                false => self.pool.checkout(self.addr),
+            };
+            match checkout {
                 Ok(conn) => break conn,
                 Err(e) => {
                     let f = Failure::pool(e);
@@ -272,7 +279,6 @@ impl Forward {
                 }
             }
         };
-        let replayable = req.is_idempotent() && self.bodiless;
         if let Err(f) = write_request(&mut conn, &self.head, downstream) {
             if !(f.before_response && conn.reused && replayable) {
                 return Err(f);

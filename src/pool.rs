@@ -136,24 +136,36 @@ impl Pool {
 
     /// A live idle connection to `addr`, or a new one.
     pub fn checkout(self: &Arc<Self>, addr: SocketAddr) -> Result<Pooled, PoolError> {
-        self.checkout_with(addr, true)
+        self.checkout_with(addr, Reuse::Checked)
+    }
+
+    /// An idle connection handed out without the liveness peek (a syscall),
+    /// for a request the caller sends again on a fresh connection if this
+    /// one turns out closed.
+    pub fn checkout_unchecked(self: &Arc<Self>, addr: SocketAddr) -> Result<Pooled, PoolError> {
+        self.checkout_with(addr, Reuse::Unchecked)
     }
 
     /// A newly opened connection, for retrying after a reused one failed.
     pub fn checkout_fresh(self: &Arc<Self>, addr: SocketAddr) -> Result<Pooled, PoolError> {
-        self.checkout_with(addr, false)
+        self.checkout_with(addr, Reuse::Never)
     }
 
-    fn checkout_with(self: &Arc<Self>, addr: SocketAddr, reuse: bool) -> Result<Pooled, PoolError> {
+    fn checkout_with(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        reuse: Reuse,
+    ) -> Result<Pooled, PoolError> {
         let host = self.host(addr);
         let deadline = Instant::now() + self.limits.connect_timeout;
         let mut state = host.state.lock();
         loop {
-            if reuse {
+            if reuse != Reuse::Never {
                 while let Some((conn, since)) = state.idle.pop() {
                     // The liveness check is a syscall: not under the lock.
                     drop(state);
-                    if since.elapsed() < self.limits.idle_timeout && is_alive(&conn.stream) {
+                    let fresh_enough = since.elapsed() < self.limits.idle_timeout;
+                    if fresh_enough && (reuse == Reuse::Unchecked || is_alive(&conn.stream)) {
                         self.hits.fetch_add(1, Relaxed);
                         return Ok(self.pooled(conn, host, true));
                     }
@@ -220,6 +232,16 @@ impl Pool {
             }
         }
     }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reuse {
+    /// Idle connections, each peeked at first.
+    Checked,
+    /// Idle connections as they are.
+    Unchecked,
+    /// A new connection.
+    Never,
 }
 
 /// An idle upstream socket is alive if reading would block: 0 means the
