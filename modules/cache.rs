@@ -359,9 +359,33 @@ struct Capture {
     body: Vec<u8>,
 }
 
+/// The value of a request header named by Vary, normalised (§4.1) so that
+/// requests that would get the same response share an entry: list members
+/// trimmed and joined; Accept-Encoding reduced to the sorted set of codings
+/// it accepts (q > 0) and Accept-Language lower-cased, since both are
+/// case-insensitive and their spacing and order carry no meaning here.
 fn vary_value(req: &Request, name: &str) -> String {
-    let values: Vec<String> = req.headers.get_all(name).map(|v| String::from_utf8_lossy(v).trim().to_owned()).collect();
-    values.join(", ")
+    let members = req.headers.list(name).map(|v| String::from_utf8_lossy(v).trim().to_owned());
+    match name {
+        "accept-encoding" => {
+            let mut codings: Vec<String> = members
+                .filter_map(|member| {
+                    let mut parts = member.split(';').map(str::trim);
+                    let coding = parts.next()?.to_ascii_lowercase();
+                    let refused = parts.any(|p| {
+                        p.split_once('=')
+                            .is_some_and(|(k, q)| k.trim().eq_ignore_ascii_case("q") && q.trim().parse::<f32>() == Ok(0.0))
+                    });
+                    (!coding.is_empty() && !refused).then_some(coding)
+                })
+                .collect();
+            codings.sort_unstable();
+            codings.dedup();
+            codings.join(",")
+        }
+        "accept-language" => members.map(|m| m.to_ascii_lowercase().replace(' ', "")).collect::<Vec<_>>().join(","),
+        _ => members.collect::<Vec<_>>().join(", "),
+    }
 }
 
 /// Responses cacheable by default, i.e. with heuristic freshness (RFC 9110 §15.1).

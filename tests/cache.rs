@@ -247,6 +247,62 @@ fn vary_keys_on_the_named_request_headers() {
 }
 
 #[test]
+fn vary_normalises_accept_encoding_and_accept_language() {
+    let backend = backend(|_| {
+        h(&[
+            ("Cache-Control", "max-age=60"),
+            ("Vary", "Accept-Encoding, Accept-Language"),
+        ])
+    });
+    let proxy = Proxy::start(backend.addr);
+    fetch(
+        &proxy,
+        "/n",
+        "Accept-Encoding: gzip, br\r\nAccept-Language: en-US, fr;q=0.5\r\n",
+    );
+    for same in [
+        "Accept-Encoding: br,GZIP\r\nAccept-Language: en-us,fr;q=0.5\r\n",
+        "Accept-Encoding: gzip;q=0.8, br, identity;q=0\r\nAccept-Language: EN-us, fr; q=0.5\r\n",
+        "Accept-Encoding: br\r\nAccept-Encoding: gzip\r\nAccept-Language: en-US, fr;q=0.5\r\n",
+    ] {
+        let resp = fetch(&proxy, "/n", same);
+        assert!(
+            resp.header("cache-status").unwrap().contains("hit"),
+            "{same:?}"
+        );
+    }
+    assert_eq!(seen(&backend, "/n"), 1);
+    // One variant is kept per URL: each different one replaces it.
+    let gzip = fetch(
+        &proxy,
+        "/n",
+        "Accept-Encoding: gzip\r\nAccept-Language: en-US, fr;q=0.5\r\n",
+    );
+    assert_eq!(
+        gzip.header("cache-status"),
+        Some("proxycache; fwd=vary-miss; stored")
+    );
+    // A coding refused with q=0 is not accepted: this is the "gzip" variant.
+    let refused = fetch(
+        &proxy,
+        "/n",
+        "Accept-Encoding: gzip, br;q=0\r\nAccept-Language: en-US, fr;q=0.5\r\n",
+    );
+    assert!(refused.header("cache-status").unwrap().contains("hit"));
+    let reordered = fetch(
+        &proxy,
+        "/n",
+        "Accept-Encoding: gzip\r\nAccept-Language: fr, en-US\r\n",
+    );
+    assert_eq!(
+        reordered.header("cache-status"),
+        Some("proxycache; fwd=vary-miss; stored"),
+        "language order matters"
+    );
+    assert_eq!(seen(&backend, "/n"), 3);
+}
+
+#[test]
 fn head_is_answered_from_a_cached_get() {
     let backend = backend(|_| h(&[("Cache-Control", "max-age=60")]));
     let proxy = Proxy::start(backend.addr);
