@@ -193,6 +193,7 @@ pub fn build(settings: &Settings, _env: &BuildEnv) -> Result<Box<dyn Module>, St
         store,
         inflight: Arc::default(),
         uncacheable: Store::builder().max_capacity(65_536).time_to_live(HIT_FOR_MISS).build(),
+        vary_index: Store::builder().max_capacity(65_536).build(),
         coalesce_wait: settings.coalesce_wait.0,
         targeted_cache_control: settings.targeted_cache_control,
         key,
@@ -219,6 +220,9 @@ pub struct Cache {
     /// Keys whose last response was not storable ("hit-for-miss"): their
     /// misses go upstream at once instead of queueing behind one another.
     uncacheable: Store<String, ()>,
+    /// For URLs whose responses vary: the headers they vary on. Each
+    /// variant is stored under a secondary key of its own.
+    vary_index: Store<String, Arc<VaryIndex>>,
     coalesce_wait: Duration,
     targeted_cache_control: bool,
     key: Vec<KeyPart>,
@@ -388,6 +392,56 @@ fn vary_value(req: &Request, name: &str) -> String {
     }
 }
 
+/// The request headers a URL's responses vary on, and the keys its
+/// variants are stored under, so invalidating the URL removes them all
+/// without a scan. The id makes those keys: a new index (the URL's Vary
+/// changed) can never reach the variants of an old one.
+struct VaryIndex {
+    id: u64,
+    names: Vec<String>,
+    variants: Mutex<Vec<String>>,
+}
+
+/// Starts the disk-tier record of a VaryIndex, kept under the URL's key.
+const VARY_MARKER: &[u8] = b"VARY\n";
+
+impl VaryIndex {
+    /// Where the variant with these header values is stored.
+    fn key_of(&self, key: &str, vary: &[(String, String)]) -> String {
+        let mut out = format!("{key}\u{0}{:016x}", self.id);
+        for (name, value) in vary {
+            out.push('\u{0}');
+            out.push_str(name);
+            out.push('=');
+            out.push_str(value);
+        }
+        out
+    }
+
+    /// The marker, then the id, the names (one line) and a line per variant key.
+    fn to_disk(&self) -> Vec<u8> {
+        let mut out = VARY_MARKER.to_vec();
+        out.extend_from_slice(format!("{:016x}\n{}", self.id, self.names.join(" ")).as_bytes());
+        for variant in self.variants.lock().iter() {
+            out.push(b'\n');
+            out.extend_from_slice(variant.as_bytes());
+        }
+        out
+    }
+
+    fn from_disk(bytes: &[u8]) -> Option<VaryIndex> {
+        let text = std::str::from_utf8(bytes.strip_prefix(VARY_MARKER)?).ok()?;
+        let mut lines = text.split('\n');
+        let id = u64::from_str_radix(lines.next()?, 16).ok()?;
+        let names = lines.next()?.split(' ').map(str::to_owned).collect();
+        Some(VaryIndex {
+            id,
+            names,
+            variants: Mutex::new(lines.map(str::to_owned).collect()),
+        })
+    }
+}
+
 /// Responses cacheable by default, i.e. with heuristic freshness (RFC 9110 §15.1).
 fn heuristically_cacheable(status: u16) -> bool {
     matches!(status, 200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501)
@@ -418,12 +472,14 @@ impl Module for Arc<Cache> {
             ctx.put(State::Bypass("request"));
             return Flow::Continue;
         }
-        let stored = self.lookup(&key);
+        let (stored, absent) = match self.lookup_variant(&key, req) {
+            Ok(entry) => (Some(entry), "miss"),
+            Err(absent) => (None, absent),
+        };
         let now = Instant::now();
         let status = match &stored {
             _ if asked.no_cache => "request",
-            None => "miss",
-            Some(entry) if !entry.vary_matches(req) => "vary-miss",
+            None => absent,
             Some(entry) if servable(entry, &asked, now) => return Flow::Respond(self.hit(entry, req, now, ctx)),
             Some(entry) if within_stale_while_revalidate(entry, now) => {
                 self.refresh_in_background(&key, &host, &req.target, entry);
@@ -442,7 +498,7 @@ impl Module for Arc<Cache> {
                 return Flow::Await(Box::new(follower));
             }
         }
-        let stale = stored.filter(|entry| matches!(status, "stale" | "request") && entry.vary_matches(req));
+        let stale = stored.filter(|_| matches!(status, "stale" | "request"));
         // Revalidate with our validator (§4.3.1), unless the client asks its own
         // question: then a 304 would be about the client's copy, not ours.
         let own_conditional = req.headers.contains("if-none-match") || req.headers.contains("if-modified-since");
@@ -775,9 +831,13 @@ impl Cache {
         Directives::parse_field(headers, targeted.unwrap_or("cache-control"))
     }
 
-    /// Removes the entry stored under `key` (by default `http://host/path?query`).
+    /// Removes the entry stored under `key` (by default `http://host/path?query`),
+    /// every variant of it included.
     pub fn purge_key(&self, key: &str) -> usize {
-        self.purge_if(|k, _| k == key)
+        let variants = format!("{key}\u{0}");
+        let purged = self.purge_if(|k, _| k == key || k.starts_with(&variants));
+        self.forget(key); // and the record of how it varies
+        purged
     }
 
     /// Removes every entry whose key starts with `prefix`.
@@ -818,24 +878,105 @@ impl Cache {
         if let Some(entry) = self.store.get(key) {
             return Some(entry);
         }
-        let entry = Arc::new(from_disk(&self.disk.as_ref()?.get(key)?)?);
+        let bytes = self.disk.as_ref()?.get(key)?;
+        if let Some(index) = VaryIndex::from_disk(&bytes) {
+            self.vary_index.insert(key.to_owned(), Arc::new(index));
+            return None;
+        }
+        let entry = Arc::new(from_disk(&bytes)?);
         self.store.insert(key.to_owned(), entry.clone());
         Some(entry)
     }
 
-    /// Stores an entry in memory, and on disk if there is a disk tier.
+    /// The stored variant of `key` that fits `req`'s headers (§4.1), or why
+    /// there is none: "miss", or "vary-miss" when other variants are stored.
+    fn lookup_variant(&self, key: &str, req: &Request) -> Result<Arc<Entry>, &'static str> {
+        let index = match self.vary_index.get(key) {
+            Some(index) => index,
+            // Not known to vary: the entry itself (looking on disk may
+            // find that it varies after all, and learn its index).
+            None => match self.lookup(key) {
+                Some(entry) => return Ok(entry),
+                None => self.vary_index.get(key).ok_or("miss")?,
+            },
+        };
+        let values: Vec<(String, String)> = index.names.iter().map(|n| (n.clone(), vary_value(req, n))).collect();
+        self.lookup(&index.key_of(key, &values))
+            .filter(|entry| entry.vary_matches(req))
+            .ok_or("vary-miss")
+    }
+
+    /// Stores an entry in memory, and on disk if there is a disk tier. A
+    /// response that varies goes under its variant's key, beside the others.
     fn save(&self, key: String, entry: Arc<Entry>) {
-        if let Some(disk) = &self.disk {
-            if let Err(e) = disk.put(&key, &to_disk(&entry)) {
-                log::warn!("cache: cannot write {key} to the disk tier: {e}");
+        let names: Vec<String> = entry.vary.iter().map(|(name, _)| name.clone()).collect();
+        let index = match self.index_of(&key) {
+            Some(index) if index.names == names => Some(index),
+            // Whether or how the URL varies changed: what was stored is void.
+            known => {
+                if known.is_some() || !names.is_empty() {
+                    self.forget(&key);
+                }
+                (!names.is_empty()).then(|| {
+                    let index = Arc::new(VaryIndex {
+                        id: fastrand::u64(..),
+                        names,
+                        variants: Mutex::default(),
+                    });
+                    self.vary_index.insert(key.clone(), index.clone());
+                    index
+                })
             }
-        }
-        self.store.insert(key, entry);
+        };
+        let stored_under = match &index {
+            Some(index) => {
+                let variant = index.key_of(&key, &entry.vary);
+                let mut variants = index.variants.lock();
+                if !variants.contains(&variant) {
+                    variants.push(variant.clone());
+                    drop(variants);
+                    self.write_disk(&key, &index.to_disk());
+                }
+                variant
+            }
+            None => key,
+        };
+        self.write_disk(&stored_under, &to_disk(&entry));
+        self.store.insert(stored_under, entry);
         // moka applies evictions lazily; keep the byte bound exact on every insert.
         self.store.run_pending_tasks();
     }
 
+    /// How `key`'s responses vary, if they do: from memory, else from the
+    /// disk tier's marker.
+    fn index_of(&self, key: &str) -> Option<Arc<VaryIndex>> {
+        if let Some(index) = self.vary_index.get(key) {
+            return Some(index);
+        }
+        let index = Arc::new(VaryIndex::from_disk(&self.disk.as_ref()?.get(key)?)?);
+        self.vary_index.insert(key.to_owned(), index.clone());
+        Some(index)
+    }
+
+    fn write_disk(&self, key: &str, bytes: &[u8]) {
+        if let Some(disk) = &self.disk {
+            if let Err(e) = disk.put(key, bytes) {
+                log::warn!("cache: cannot write {key} to the disk tier: {e}");
+            }
+        }
+    }
+
+    /// Drops what is stored for `key`, every variant included.
     fn forget(&self, key: &str) {
+        if let Some(index) = self.index_of(key) {
+            for variant in index.variants.lock().iter() {
+                self.store.invalidate(variant);
+                if let Some(disk) = &self.disk {
+                    disk.remove(variant);
+                }
+            }
+            self.vary_index.invalidate(key);
+        }
         self.store.invalidate(key);
         if let Some(disk) = &self.disk {
             disk.remove(key);
@@ -893,8 +1034,8 @@ impl Cache {
     fn after_wait(&self, key: &str, req: &Request, ctx: &mut Context) -> Resumed {
         let now = Instant::now();
         let asked = Directives::parse(&req.headers);
-        match self.lookup(key) {
-            Some(entry) if entry.vary_matches(req) && servable(&entry, &asked, now) => {
+        match self.lookup_variant(key, req) {
+            Ok(entry) if servable(&entry, &asked, now) => {
                 Resumed::Respond(self.hit(&entry, req, now, ctx))
             }
             _ => {

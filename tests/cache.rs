@@ -272,7 +272,6 @@ fn vary_normalises_accept_encoding_and_accept_language() {
         );
     }
     assert_eq!(seen(&backend, "/n"), 1);
-    // One variant is kept per URL: each different one replaces it.
     let gzip = fetch(
         &proxy,
         "/n",
@@ -299,6 +298,19 @@ fn vary_normalises_accept_encoding_and_accept_language() {
         Some("proxycache; fwd=vary-miss; stored"),
         "language order matters"
     );
+    assert_eq!(seen(&backend, "/n"), 3);
+    // Every variant stays stored beside the others.
+    for again in [
+        "Accept-Encoding: br, gzip\r\nAccept-Language: en-US, fr;q=0.5\r\n",
+        "Accept-Encoding: gzip\r\nAccept-Language: en-US, fr;q=0.5\r\n",
+        "Accept-Encoding: gzip\r\nAccept-Language: fr, en-US\r\n",
+    ] {
+        let resp = fetch(&proxy, "/n", again);
+        assert!(
+            resp.header("cache-status").unwrap().contains("hit"),
+            "{again:?}"
+        );
+    }
     assert_eq!(seen(&backend, "/n"), 3);
 }
 
@@ -1145,4 +1157,71 @@ fn a_key_found_uncacheable_is_not_coalesced_again() {
         took < Duration::from_millis(750),
         "queued behind a leader: {took:?}"
     );
+}
+
+#[test]
+fn variants_outlive_a_restart_and_go_together_when_invalidated_or_purged() {
+    let backend = backend(|_| {
+        h(&[
+            ("Cache-Control", "max-age=600"),
+            ("Vary", "Accept-Encoding"),
+        ])
+    });
+    let dir = TempDir::new();
+    let conf = format!(
+        "[modules.cache]\ndisk_dir = \"{}\"\npurge_from = [\"127.0.0.1\"]",
+        dir.0.join("cache").display()
+    );
+    let start = || {
+        Proxy::with(
+            backend.addr,
+            Conf {
+                rest: &conf,
+                ..Conf::default()
+            },
+        )
+    };
+    let variants = ["Accept-Encoding: gzip\r\n", "Accept-Encoding: br\r\n", ""];
+    let mut first = start();
+    let bodies: Vec<String> = variants
+        .iter()
+        .map(|v| fetch(&first, "/v", v).text())
+        .collect();
+    first.signal("TERM");
+    first.child.wait().unwrap();
+
+    let second = start();
+    for (variant, body) in variants.iter().zip(&bodies) {
+        let hit = fetch(&second, "/v", variant);
+        assert!(
+            hit.header("cache-status").unwrap().contains("hit"),
+            "{variant:?}: {hit:?}"
+        );
+        assert_eq!(&hit.text(), body);
+    }
+    assert_eq!(seen(&backend, "/v"), 3);
+
+    // A POST to the URL invalidates every variant.
+    request(
+        second.addr,
+        "POST /v HTTP/1.1\r\nHost: cache.test\r\nContent-Length: 0\r\n\r\n",
+    );
+    for variant in variants {
+        let status = fetch(&second, "/v", variant)
+            .header("cache-status")
+            .unwrap()
+            .to_owned();
+        assert!(status.contains("miss; stored"), "{variant:?}: {status}");
+    }
+    assert_eq!(seen(&backend, "/v"), 7, "three GETs and the POST");
+
+    // So does purging the URL's key: all three variants.
+    assert_eq!(purge(&second, "/v", "").header("x-purged"), Some("3"));
+    for variant in variants {
+        assert!(fetch(&second, "/v", variant)
+            .header("cache-status")
+            .unwrap()
+            .contains("miss"));
+    }
+    assert_eq!(seen(&backend, "/v"), 10);
 }
