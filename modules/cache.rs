@@ -135,7 +135,7 @@ impl Rule {
 /// How long a key stays known as uncacheable (Varnish's hit-for-miss default).
 const HIT_FOR_MISS: Duration = Duration::from_secs(120);
 
-pub fn build(settings: &Settings, _env: &BuildEnv) -> Result<Box<dyn Module>, String> {
+pub fn build(settings: &Settings, env: &BuildEnv) -> Result<Box<dyn Module>, String> {
     if !(0.0..=1.0).contains(&settings.heuristic_fraction) {
         return Err(format!("heuristic_fraction {} must be within 0..=1", settings.heuristic_fraction));
     }
@@ -189,7 +189,7 @@ pub fn build(settings: &Settings, _env: &BuildEnv) -> Result<Box<dyn Module>, St
         .max_capacity(settings.max_memory)
         .weigher(|key: &String, entry: &Arc<Entry>| (key.len() + entry.size()).try_into().unwrap_or(u32::MAX))
         .build();
-    Ok(Box::new(Arc::new(Cache {
+    let cache = Arc::new(Cache {
         store,
         inflight: Arc::default(),
         uncacheable: Store::builder().max_capacity(65_536).time_to_live(HIT_FOR_MISS).build(),
@@ -209,7 +209,10 @@ pub fn build(settings: &Settings, _env: &BuildEnv) -> Result<Box<dyn Module>, St
         heuristic_fraction: settings.heuristic_fraction,
         heuristic_max: settings.heuristic_max.0,
         x_cache_header: (!settings.x_cache_header.is_empty()).then(|| settings.x_cache_header.clone()),
-    })))
+    });
+    // For the admin API: purging by key, prefix and tag.
+    env.services.provide(cache.clone());
+    Ok(Box::new(cache))
 }
 
 /// The cache; its purge functions are for the admin API.

@@ -301,6 +301,7 @@ mod tests {
                     config,
                     pool: &pool,
                     upstreams: &upstreams,
+                    services: &Default::default(),
                 },
             )
             .unwrap();

@@ -407,6 +407,29 @@ pub struct BuildEnv<'a> {
     pub pool: &'a Arc<Pool>,
     /// Upstream groups and routes, shared by the stages that act on them.
     pub upstreams: &'a Arc<Upstreams>,
+    /// Where a module publishes a handle for the rest of the daemon.
+    pub services: &'a Services,
+}
+
+/// Handles modules publish, one per type, for the rest of the daemon: the
+/// admin API reaches the cache's purge functions through here.
+#[derive(Default)]
+pub struct Services(parking_lot::Mutex<Vec<Arc<dyn Any + Send + Sync>>>);
+
+impl Services {
+    /// Publishes `service`, replacing an earlier one of its type.
+    pub fn provide<T: Any + Send + Sync>(&self, service: Arc<T>) {
+        let mut all = self.0.lock();
+        all.retain(|s| !s.is::<T>());
+        all.push(service);
+    }
+
+    pub fn get<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
+        self.0
+            .lock()
+            .iter()
+            .find_map(|s| s.clone().downcast::<T>().ok())
+    }
 }
 
 /// A module that could not be built; names the module.

@@ -1225,3 +1225,56 @@ fn variants_outlive_a_restart_and_go_together_when_invalidated_or_purged() {
     }
     assert_eq!(seen(&backend, "/v"), 10);
 }
+
+/// The purge functions as the admin API reaches them: through the handle
+/// the cache publishes, on the real server loop run in-process.
+#[test]
+fn the_cache_publishes_its_purge_functions() {
+    use proxycache::config::Config;
+    use proxycache::modules::cache::Cache;
+    use proxycache::server::Server;
+
+    let backend = backend(|path| {
+        let tag = if path.starts_with("/a/") {
+            "alpha"
+        } else {
+            "beta"
+        };
+        h(&[("Cache-Control", "max-age=600"), ("Surrogate-Key", tag)])
+    });
+    let text = format!(
+        "[server]\nlisten_addr = \"127.0.0.1:0\"\nbackend_addr = \"{}\"\nworkers = 2\n[log]\naccess_log = \"off\"\n",
+        backend.addr
+    );
+    let config = Config::parse(&text, std::path::Path::new("test.toml")).unwrap();
+    let server = Server::start(&config, Vec::new()).unwrap();
+    let get = |path: &str| {
+        request(
+            server.local_addr(),
+            &format!("GET {path} HTTP/1.1\r\nHost: cache.test\r\n\r\n"),
+        )
+        .header("cache-status")
+        .unwrap()
+        .to_owned()
+    };
+    let paths = ["/a/1", "/a/2", "/b/1", "/b/2"];
+    for path in paths {
+        get(path);
+        assert!(get(path).contains("hit"), "{path}");
+    }
+    let cache = server
+        .service::<Cache>()
+        .expect("the cache publishes itself");
+    assert_eq!(cache.purge_key("http://cache.test/a/1"), 1);
+    assert_eq!(cache.purge_prefix("http://cache.test/b/"), 2);
+    assert_eq!(
+        cache.purge_tag("alpha"),
+        1,
+        "/a/2 is the one left tagged alpha"
+    );
+    for path in paths {
+        assert!(get(path).contains("miss"), "{path} was purged");
+    }
+    assert_eq!(backend.recorded().len(), 8);
+    server.shutdown(Duration::from_secs(1));
+}

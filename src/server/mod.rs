@@ -26,7 +26,7 @@ pub use downstream::Downstream;
 use crate::config::Config;
 use crate::http::Limits;
 use crate::modules;
-use crate::pipeline::{BuildEnv, Pipeline, Stage};
+use crate::pipeline::{BuildEnv, Pipeline, Services, Stage};
 use crate::pool::{Pool, PoolLimits};
 use crate::upstream::Upstreams;
 use connection::{Conn, Next};
@@ -69,6 +69,7 @@ pub struct Server {
     shared: Arc<Shared>,
     local_addr: SocketAddr,
     upstreams: Arc<Upstreams>,
+    services: Services,
 }
 
 impl Server {
@@ -77,12 +78,14 @@ impl Server {
     pub fn start(config: &Config, extra: Vec<Stage>) -> Result<Server, Box<dyn std::error::Error>> {
         let pool = Pool::new(PoolLimits::from_config(config));
         let upstreams = Upstreams::from_config(config)?;
+        let services = Services::default();
         let mut stages = modules::build_all(
             &config.modules,
             &BuildEnv {
                 config,
                 pool: &pool,
                 upstreams: &upstreams,
+                services: &services,
             },
         )?;
         stages.extend(extra);
@@ -155,6 +158,7 @@ impl Server {
             shared,
             local_addr,
             upstreams,
+            services,
         })
     }
 
@@ -165,6 +169,11 @@ impl Server {
     /// The upstream groups, for changing a server's state at run time.
     pub fn upstreams(&self) -> &Arc<Upstreams> {
         &self.upstreams
+    }
+
+    /// A handle a module published, such as `modules::cache::Cache`.
+    pub fn service<T: std::any::Any + Send + Sync>(&self) -> Option<Arc<T>> {
+        self.services.get()
     }
 
     /// Stops accepting, closes idle connections, and waits up to `timeout`
