@@ -196,7 +196,10 @@ impl Group {
     /// What sticky requests hash on: the configured header, cookie or client IP.
     pub fn hash(&self, req: &Request, client: IpAddr) -> Option<u64> {
         match self.hash_key.as_ref()? {
-            HashKey::ClientIp => Some(hash_bytes(client.to_string().as_bytes())),
+            HashKey::ClientIp => Some(match client {
+                IpAddr::V4(ip) => hash_bytes(&ip.octets()),
+                IpAddr::V6(ip) => hash_bytes(&ip.octets()),
+            }),
             HashKey::Header(name) => req.headers.get(name).map(hash_bytes),
             HashKey::Cookie(name) => req
                 .headers
