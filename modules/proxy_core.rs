@@ -267,8 +267,11 @@ impl Forward {
             match checkout {
                 Ok(conn) => break conn,
                 Err(e) => {
+                    // Our own connection limit says nothing about the server's health.
+                    if !matches!(e, PoolError::Exhausted) {
+                        record(ctx, Outcome::Failed);
+                    }
                     let f = Failure::pool(e);
-                    record(ctx, Outcome::Failed);
                     match next_server(ctx, req) {
                         Some(next) => {
                             log::debug!("{} upstream {}: {}; trying {next}", ctx.request_id, self.addr, f.reason);

@@ -116,19 +116,15 @@ fn least_conn_sends_new_requests_away_from_a_busy_server() {
         &[server(slow.addr, ""), server(fast.addr, "")],
         "",
     );
-    // Two requests in flight on the slow server (ties go to it first).
+    // A request in flight on the slow server (ties go to the first server).
     let addr = proxy.addr;
-    let pending: Vec<_> = (0..2)
-        .map(|_| thread::spawn(move || get(addr, "/slow").text()))
-        .collect();
+    let pending = thread::spawn(move || get(addr, "/slow").text());
     thread::sleep(Duration::from_millis(300));
-    let busy = count(&slow);
+    assert_eq!(count(&slow), 1);
     let answered = bodies(&proxy, 20, "/", |_| String::new());
     assert!(answered.iter().all(|b| b == "fast"), "{answered:?}");
-    assert_eq!(count(&slow), busy);
-    for p in pending {
-        p.join().unwrap();
-    }
+    assert_eq!(count(&slow), 1);
+    assert_eq!(pending.join().unwrap(), "slow");
 }
 
 #[test]
@@ -825,4 +821,48 @@ strip_prefix = false
         "GET /v1/x HTTP/1.1\r\nHost: api.example.com\r\nX-Canary: 1\r\n\r\n",
     );
     assert_eq!(resp.status, 502);
+}
+
+#[test]
+fn our_own_pool_limit_does_not_count_against_a_server() {
+    let slow = Backend::start(|_| {
+        thread::sleep(Duration::from_millis(600));
+        response(200, &[], b"slow")
+    });
+    let fast = named("fast");
+    let fallback = closed_port();
+    let proxy = Proxy::with(
+        fallback,
+        Conf {
+            server: "",
+            rest: &format!(
+                "[pool]\nmax_conns_per_host = 1\n[upstream]\nconnect_timeout = \"100ms\"\n\
+                 [upstreams.api]\nservers = [{}, {}]\n[upstreams.api.retry]\nretries = 0\n\
+                 [upstreams.api.outlier]\nmax_fails = 1\nejection = \"10s\"\n\
+                 [[routes]]\npath_prefix = \"/\"\nupstream = \"api\"\n",
+                server(slow.addr, ""),
+                server(fast.addr, "")
+            ),
+        },
+    );
+    let addr = proxy.addr;
+    // Round-robin: slow, fast, slow (its one connection busy: 503), fast,
+    // slow. Distinct paths, so the cache does not coalesce them.
+    let first = thread::spawn(move || get(addr, "/1"));
+    thread::sleep(Duration::from_millis(100));
+    assert_eq!(get(addr, "/2").text(), "fast");
+    let exhausted = get(addr, "/3");
+    assert_eq!(exhausted.status, 503);
+    assert!(
+        exhausted.text().contains("connection limit"),
+        "{}",
+        exhausted.text()
+    );
+    assert_eq!(first.join().unwrap().text(), "slow");
+    assert_eq!(get(addr, "/4").text(), "fast");
+    assert_eq!(
+        get(addr, "/5").text(),
+        "slow",
+        "not ejected for our own limit"
+    );
 }
