@@ -35,6 +35,7 @@ use serde::Deserialize;
 
 use crate::config::Dur;
 use crate::disk_store::DiskStore;
+use crate::memfile::MemFile;
 use crate::http::cache_control::Directives;
 use crate::http::conditional::{http_date, not_modified, requested_range};
 use crate::http::{Headers, Request, ResponseHead};
@@ -257,7 +258,7 @@ enum KeyPart {
 /// A stored response.
 struct Entry {
     head: ResponseHead,
-    body: Arc<[u8]>,
+    body: Stored,
     /// The request headers named by Vary, with the values they had (§4.1).
     vary: Vec<(String, String)>,
     response_time: Instant,
@@ -291,6 +292,47 @@ impl Entry {
 
     fn vary_matches(&self, req: &Request) -> bool {
         self.vary.iter().all(|(name, value)| vary_value(req, name) == *value)
+    }
+}
+
+/// A stored body: small ones as bytes; large ones in a memory file, which
+/// the server sends with sendfile rather than copying it on every hit.
+#[derive(Clone)]
+enum Stored {
+    Bytes(Arc<[u8]>),
+    File(Arc<MemFile>),
+}
+
+/// Bodies from this size on go to a memory file.
+const FILE_FROM: usize = 16 * 1024;
+
+impl Stored {
+    fn new(bytes: Vec<u8>) -> Stored {
+        if bytes.len() >= FILE_FROM {
+            match MemFile::new(&bytes) {
+                Ok(file) => return Stored::File(Arc::new(file)),
+                Err(e) => log::debug!("cache: body kept in memory: {e}"),
+            }
+        }
+        Stored::Bytes(bytes.into())
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Stored::Bytes(bytes) => bytes,
+            Stored::File(file) => file.as_slice(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    fn to_body(&self) -> Body {
+        match self {
+            Stored::Bytes(bytes) => Body::Bytes(bytes.clone()),
+            Stored::File(file) => Body::File(file.clone()),
+        }
     }
 }
 
@@ -602,7 +644,7 @@ impl Module for Arc<Cache> {
     fn on_body_end(&self, ctx: &mut Context) {
         let Some(Capture { key, mut entry, body }) = ctx.take::<Capture>() else { return };
         entry.head.headers.set("Content-Length", body.len().to_string());
-        entry.body = body.into();
+        entry.body = Stored::new(body);
         self.save(key, Arc::new(entry));
         ctx.take::<Leading>(); // stored: wake the misses waiting for it
     }
@@ -680,7 +722,7 @@ fn to_disk(entry: &Entry) -> Vec<u8> {
     out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
     out.extend_from_slice(&meta);
     entry.head.write_to(&mut out);
-    out.extend_from_slice(&entry.body);
+    out.extend_from_slice(entry.body.as_slice());
     out
 }
 
@@ -693,7 +735,7 @@ fn from_disk(bytes: &[u8]) -> Option<Entry> {
     let since = SystemTime::now().duration_since(stored_at).unwrap_or_default();
     Some(Entry {
         head,
-        body: rest[head_len..].into(),
+        body: Stored::new(rest[head_len..].to_vec()),
         vary: meta.vary,
         response_time: Instant::now().checked_sub(since)?,
         corrected_initial_age: Duration::from_millis(meta.initial_age_ms),
@@ -1080,7 +1122,7 @@ impl Cache {
                 head.headers.set("Content-Range", format!("bytes {first}-{last}/{total}"));
                 Response {
                     head,
-                    body: Body::Bytes(entry.body[first..=last].into()),
+                    body: Body::Bytes(entry.body.as_slice()[first..=last].into()),
                 }
             }
             Some(None) => {
@@ -1090,7 +1132,7 @@ impl Cache {
             }
             None => Response {
                 head,
-                body: Body::Bytes(entry.body.clone()),
+                body: entry.body.to_body(),
             },
         }
     }
@@ -1218,7 +1260,7 @@ impl Cache {
         head.headers.remove("cache-status");
         Some(Entry {
             head,
-            body: Arc::from([]),
+            body: Stored::Bytes(Arc::from([])),
             vary: Vec::new(),
             response_time,
             corrected_initial_age,

@@ -11,6 +11,7 @@ pub mod demo;
 pub mod disk_store;
 pub mod http;
 pub mod logging;
+pub mod memfile;
 pub mod modules;
 pub mod pipeline;
 pub mod pool;

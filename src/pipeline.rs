@@ -20,6 +20,7 @@ use serde::Deserialize;
 use crate::config::Config;
 use crate::http::body::BodyError;
 use crate::http::{Request, ResponseHead};
+use crate::memfile::MemFile;
 use crate::pool::Pool;
 pub use crate::server::Downstream;
 use crate::upstream::Upstreams;
@@ -229,6 +230,9 @@ pub enum Body {
     Empty,
     /// Shared, so a cached body goes out without being copied.
     Bytes(Arc<[u8]>),
+    /// Bytes in a memory file: shown to modules as a slice, sent to the
+    /// client by `sendfile` without passing through a user-space buffer.
+    File(Arc<MemFile>),
     Stream(Box<dyn BodyStream>),
 }
 

@@ -1278,3 +1278,34 @@ fn the_cache_publishes_its_purge_functions() {
     assert_eq!(backend.recorded().len(), 8);
     server.shutdown(Duration::from_secs(1));
 }
+
+/// Bodies of 16 KiB and more are kept in a memory file and sent with
+/// sendfile: they must come out byte for byte, framed right on a
+/// keep-alive connection, and serve HEAD and ranges like any other.
+#[test]
+fn large_cached_bodies_go_out_byte_for_byte() {
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let sent = body.clone();
+    let backend =
+        Backend::start(move |_| response(200, &[("Cache-Control", "max-age=600")], &sent));
+    let proxy = Proxy::start(backend.addr);
+    let mut client = Client::connect(proxy.addr);
+    for expect in ["fwd=miss; stored", "hit", "hit"] {
+        client.send("GET /large HTTP/1.1\r\nHost: cache.test\r\n\r\n");
+        let resp = client.response();
+        assert!(
+            resp.header("cache-status").unwrap().contains(expect),
+            "{:?}",
+            resp.header("cache-status")
+        );
+        assert!(resp.body == body, "body differs after {expect}");
+    }
+    client.send("HEAD /large HTTP/1.1\r\nHost: cache.test\r\n\r\n");
+    let head = client.head_response();
+    assert_eq!(head.header("content-length"), Some("300000"));
+    client.send("GET /large HTTP/1.1\r\nHost: cache.test\r\nRange: bytes=100000-100009\r\n\r\n");
+    let range = client.response();
+    assert_eq!(range.status, 206);
+    assert_eq!(range.body, body[100_000..100_010]);
+    assert_eq!(seen(&backend, "/large"), 1);
+}

@@ -9,7 +9,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
@@ -346,6 +346,7 @@ fn write_response(
         match &resp.body {
             Body::Empty => head.headers.set("Content-Length", "0"),
             Body::Bytes(bytes) => head.headers.set("Content-Length", bytes.len().to_string()),
+            Body::File(file) => head.headers.set("Content-Length", file.len().to_string()),
             Body::Stream(stream) => match stream.length() {
                 Some(n) => head.headers.set("Content-Length", n.to_string()),
                 None if req.version == Version::Http11 => {
@@ -390,6 +391,15 @@ fn write_response(
             } else {
                 write_both(stream, &out, &body)?;
             }
+        }
+        Body::File(file) => {
+            bytes = file.len() as u64;
+            pipeline
+                .on_body_chunk(ran, file.as_slice(), ctx)
+                .map_err(failed)?;
+            pipeline.on_body_end(ran, ctx).map_err(failed)?;
+            send_more(stream, &out)?;
+            file.send_to(stream.as_raw_fd())?;
         }
         Body::Stream(mut body) => {
             // At the end, the body is dropped (freeing its upstream connection
@@ -450,6 +460,32 @@ fn write_both(stream: &mut TcpStream, head: &[u8], body: &[u8]) -> io::Result<()
             Ok(n) => io::IoSlice::advance_slices(&mut left, n),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Writes `head` with MSG_MORE, so it leaves in one segment with what follows.
+fn send_more(stream: &mut TcpStream, mut head: &[u8]) -> io::Result<()> {
+    while !head.is_empty() {
+        // SAFETY: sends from a valid buffer on a socket we own.
+        let sent = unsafe {
+            libc::send(
+                stream.as_raw_fd(),
+                head.as_ptr().cast(),
+                head.len(),
+                libc::MSG_MORE | libc::MSG_NOSIGNAL,
+            )
+        };
+        match sent {
+            0 => return Err(io::ErrorKind::WriteZero.into()),
+            n if n > 0 => head = &head[n as usize..],
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
         }
     }
     Ok(())
