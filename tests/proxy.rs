@@ -368,3 +368,41 @@ fn answer_first_request(
     }
     reader
 }
+
+/// Bodies of every size around the read buffer's come through byte for
+/// byte on one keep-alive connection each way, whether they arrived with the
+/// head or long after it.
+#[test]
+fn bodies_of_every_size_arrive_whole_and_the_upstream_connection_is_reused() {
+    let sizes = [
+        0usize,
+        1,
+        1000,
+        65_535,
+        65_536,
+        65_537,
+        300_000,
+        (1 << 20) + 3,
+    ];
+    let body = |n: usize| -> Vec<u8> { (0..n).map(|i| (i * 31 % 251) as u8).collect() };
+    let backend = Backend::start(move |req| {
+        let n: usize = req.target[1..].parse().unwrap();
+        // no-store: straight through, not stored.
+        response(200, &[("Cache-Control", "no-store")], &body(n))
+    });
+    let proxy = Proxy::start(backend.addr);
+    let mut client = Client::connect(proxy.addr);
+    for n in sizes {
+        client.send(format!("GET /{n} HTTP/1.1\r\nHost: a\r\n\r\n"));
+        let resp = client.response();
+        assert_eq!(resp.header("content-length"), Some(n.to_string().as_str()));
+        assert!(resp.body == body(n), "a body of {n} bytes differs");
+    }
+    assert_eq!(
+        backend
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the upstream connection served every request"
+    );
+}
