@@ -330,11 +330,15 @@ fn active_health_checks_take_a_server_out_and_bring_it_back() {
         "/healthz" => response(500, &[], b"sick"),
         _ => response(200, &[], b"checked"),
     });
-    let other = named("other");
+    let other = Backend::start(|req| match req.target.as_str() {
+        "/healthz" => response(200, &[], b"ok"),
+        _ => response(200, &[], b"other"),
+    });
     let mut proxy = proxy_for(
         "",
         &[server(checked.addr, ""), server(other.addr, "")],
-        "[upstreams.api.health]\npath = \"/healthz\"\ninterval = \"100ms\"\ntimeout = \"500ms\"\nrise = 2\nfall = 3\n",
+        "[upstreams.api.health]\npath = \"/healthz\"\nhost = \"health.internal\"\nbody = \"ok\"\n\
+         interval = \"100ms\"\ntimeout = \"500ms\"\nrise = 2\nfall = 3\n",
     );
     let serves_checked = |proxy: &Proxy| {
         bodies(proxy, 6, "/", |_| String::new())
@@ -367,6 +371,14 @@ fn active_health_checks_take_a_server_out_and_bring_it_back() {
         thread::sleep(Duration::from_millis(20));
     }
     proxy.wait_for_log("health check passed 2 times; back in");
+    let probe = checked
+        .recorded()
+        .into_iter()
+        .find(|r| r.target == "/healthz")
+        .unwrap();
+    assert_eq!(probe.method, "GET");
+    assert_eq!(probe.header("host"), Some("health.internal"));
+    assert_eq!(probe.header("user-agent"), Some("proxycache-health-check"));
 }
 
 #[test]
