@@ -16,6 +16,8 @@
 #   BACKEND_PORT, PROXYCACHE_PORT, NGINX_PORT, HAPROXY_PORT, VARNISH_PORT
 #                    listen ports (default 18080..18084)
 #   IDLE_CONNS       keep-alive connections held open for the memory test (default 5000)
+#   ROUNDS           run every scenario this many times, servers interleaved, and
+#                    report medians (default 1); steadier ratios on a noisy machine
 #
 # Progress goes to stderr; the Markdown report goes to stdout.
 set -euo pipefail
@@ -29,6 +31,7 @@ NGINX_PORT=${NGINX_PORT:-18082}
 HAPROXY_PORT=${HAPROXY_PORT:-18083}
 VARNISH_PORT=${VARNISH_PORT:-18084}
 IDLE_CONNS=${IDLE_CONNS:-5000}
+ROUNDS=${ROUNDS:-1}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SERVERS=(backend proxycache nginx haproxy)
 # nginx and HAProxy do not cache as set up here: the cache-hit scenarios put
@@ -39,7 +42,8 @@ declare -A PORT=([backend]=$BACKEND_PORT [proxycache]=$PROXYCACHE_PORT
                  [nginx]=$NGINX_PORT [haproxy]=$HAPROXY_PORT [varnish]=$VARNISH_PORT)
 declare -A PID=()   # server name -> pid of the process we started
 declare -A LOG=()   # server name -> its log file
-declare -A RES=()   # "scenario|server|field" -> parsed wrk value
+declare -A RES=()   # "scenario|server|field" -> parsed wrk value (median over rounds)
+declare -A ALL=()   # "scenario|server|field" -> that value from every round, space-separated
 WARN=()             # lines the report must show, e.g. a cache that missed
 
 log() { printf '[load] %s\n' "$*" >&2; }
@@ -337,6 +341,21 @@ run_wrk() {
     parse_wrk "$scen" "$name" "$out"
     log "$(printf '%-14s %-10s %8s req/s  p50 %6s us  p99 %7s us  errors %s' "$scen" "$name" \
         "${RES[$scen|$name|rps]}" "${RES[$scen|$name|p50]}" "${RES[$scen|$name|p99]}" "${RES[$scen|$name|err]}")"
+    local field
+    for field in rps p50 p99 err; do
+        ALL[$scen|$name|$field]+=" ${RES[$scen|$name|$field]}"
+    done
+}
+
+# After every round: each value the median of its rounds, errors their sum.
+take_medians() {
+    local key
+    for key in "${!ALL[@]}"; do
+        case $key in
+            *'|err') RES[$key]=$(tr ' ' '\n' <<<"${ALL[$key]}" | awk '{ s += $1 } END { print s + 0 }') ;;
+            *) RES[$key]=$(median "${ALL[$key]}") ;;
+        esac
+    done
 }
 
 # Adds a warning unless a GET of $2 on cache $1 is a hit: the cache-hit
@@ -424,6 +443,7 @@ show_logs() {
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 min() { (( $1 < $2 )) && echo "$1" || echo "$2"; }
+median() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
 result_row() {
     local scen=$1 name=$2
@@ -437,6 +457,9 @@ report() {
     echo "## Proxycache load benchmark"
     echo
     echo "wrk ${DURATION} per run after a ${WARMUP} warm-up, one server at a time; latencies in µs."
+    if (( ROUNDS > 1 )); then
+        echo "Every scenario ran $ROUNDS times, servers interleaved; each value is the median of those runs (errors: their sum)."
+    fi
     echo
     echo "| scenario | server | req/s | p50 (µs) | p99 (µs) | errors |"
     echo "| --- | --- | ---: | ---: | ---: | ---: |"
@@ -530,21 +553,25 @@ declare -A SPEC=(
     ["hit small c64"]="/cached 64 2"
     ["hit 64k c64"]="/cached64k 64 2"
 )
-for scen in "${SCENARIOS[@]}"; do
-    for name in "${SERVERS[@]}"; do
-        # shellcheck disable=SC2086  # SPEC splits into run_wrk's arguments
-        run_wrk "$scen" "$name" ${SPEC[$scen]}
+for round in $(seq 1 "$ROUNDS"); do
+    (( ROUNDS == 1 )) || log "round $round of $ROUNDS"
+    for scen in "${SCENARIOS[@]}"; do
+        for name in "${SERVERS[@]}"; do
+            # shellcheck disable=SC2086  # SPEC splits into run_wrk's arguments
+            run_wrk "$scen" "$name" ${SPEC[$scen]}
+        done
+    done
+    # The warm-up run fills the caches; the check after the measured run shows
+    # that they answered from memory.
+    for scen in "${CACHE_SCENARIOS[@]}"; do
+        for name in "${CACHE_SERVERS[@]}"; do
+            # shellcheck disable=SC2086  # as above
+            run_wrk "$scen" "$name" ${SPEC[$scen]}
+            [[ $name == backend ]] || check_hit "$name" "${SPEC[$scen]%% *}"
+        done
     done
 done
-# The warm-up run fills the caches; the check after the measured run shows
-# that they answered from memory.
-for scen in "${CACHE_SCENARIOS[@]}"; do
-    for name in "${CACHE_SERVERS[@]}"; do
-        # shellcheck disable=SC2086  # as above
-        run_wrk "$scen" "$name" ${SPEC[$scen]}
-        [[ $name == backend ]] || check_hit "$name" "${SPEC[$scen]%% *}"
-    done
-done
+take_medians
 
 # Memory with many idle clients is measured after the load, so it includes
 # whatever the load left allocated.
