@@ -73,6 +73,7 @@ fn main() -> ExitCode {
 }
 
 fn run(config: &Config, demo: bool) -> ExitCode {
+    raise_open_files_limit(config.server.max_connections.get());
     // Registered before the workers start, so no thread sees a signal's default action.
     let mut signals = match Signals::new([SIGTERM, SIGINT]) {
         Ok(signals) => signals,
@@ -100,4 +101,37 @@ fn run(config: &Config, demo: bool) -> ExitCode {
     server.shutdown(config.server.shutdown_timeout.0);
     logging::flush();
     ExitCode::SUCCESS
+}
+
+/// Each client takes a descriptor and usually an upstream connection
+/// another, so `max_connections` needs about twice as many open files as
+/// the common soft limit of 1024 allows: raise it to the hard limit (as
+/// HAProxy does), and say so if even that is short.
+fn raise_open_files_limit(max_connections: usize) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit on a valid rlimit of our own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        let was = limit.rlim_cur;
+        if was < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                log::info!("open files limit raised from {was} to {}", limit.rlim_max);
+            } else {
+                limit.rlim_cur = was;
+            }
+        }
+    }
+    let needed = 2 * max_connections as u64 + 64;
+    if (limit.rlim_cur as u64) < needed {
+        log::warn!(
+            "open files limit {} is below the {needed} that max_connections {max_connections} may need",
+            limit.rlim_cur
+        );
+    }
 }

@@ -340,3 +340,36 @@ fn log_level_filters_lines() {
         "info lines shown at level warn: {text}"
     );
 }
+
+/// Started under the common soft limit of open files (here 256), the daemon
+/// raises it to the hard limit, so more clients than that are served.
+#[test]
+fn a_low_open_files_limit_is_raised_so_many_clients_fit() {
+    let backend = Backend::ok("fine");
+    let text = format!(
+        "[server]\nlisten_addr = \"127.0.0.1:0\"\nbackend_addr = \"{}\"\n",
+        backend.addr
+    );
+    let mut proxy = Proxy::launch(&text, |config| {
+        let mut shell = std::process::Command::new("bash");
+        shell
+            .arg("-c")
+            .arg("ulimit -Sn 256 && exec \"$0\" --config \"$1\"")
+            .arg(env!("CARGO_BIN_EXE_proxycache"))
+            .arg(config);
+        shell
+    });
+    proxy.wait_for_log("open files limit raised from 256 to");
+    let clients: Vec<Client> = (0..400)
+        .map(|_| {
+            let mut client = Client::connect(proxy.addr);
+            client.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+            client
+        })
+        .collect();
+    let mut clients = clients;
+    // All stay open: each holds a descriptor in the daemon meanwhile.
+    for client in &mut clients {
+        assert_eq!(client.response().text(), "fine");
+    }
+}

@@ -75,12 +75,20 @@ impl Proxy {
     }
 
     pub fn from_config(text: &str) -> Proxy {
+        Proxy::launch(text, |config| {
+            let mut command = Command::new(env!("CARGO_BIN_EXE_proxycache"));
+            command.arg("--config").arg(config);
+            command
+        })
+    }
+
+    /// Starts the daemon by the command `command(config path)` builds (a
+    /// shell that sets limits first, say).
+    pub fn launch(text: &str, command: impl FnOnce(&std::path::Path) -> Command) -> Proxy {
         let dir = TempDir::new();
         let path = dir.0.join("config.toml");
         std::fs::write(&path, text).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_proxycache"))
-            .arg("--config")
-            .arg(&path)
+        let mut child = command(&path)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
