@@ -127,8 +127,8 @@ fn raise_open_files_limit(max_connections: usize) {
             }
         }
     }
-    let needed = 2 * max_connections as u64 + 64;
-    if (limit.rlim_cur as u64) < needed {
+    let needed = 2 * max_connections as libc::rlim_t + 64;
+    if limit.rlim_cur < needed {
         log::warn!(
             "open files limit {} is below the {needed} that max_connections {max_connections} may need",
             limit.rlim_cur
