@@ -46,7 +46,10 @@ pub fn build(settings: &Settings, env: &BuildEnv) -> Result<Box<dyn Module>, Str
     Ok(Box::new(ProxyCore {
         backend: env.config.server.backend_addr,
         pool: env.pool.clone(),
-        via: settings.via.as_str().into(),
+        via: Arc::new(Via {
+            http10: format!("1.0 {}", settings.via),
+            http11: format!("1.1 {}", settings.via),
+        }),
         max_head: env.config.server.max_header_size.get(),
     }))
 }
@@ -54,7 +57,7 @@ pub fn build(settings: &Settings, env: &BuildEnv) -> Result<Box<dyn Module>, Str
 struct ProxyCore {
     backend: SocketAddr,
     pool: Arc<Pool>,
-    via: Arc<str>,
+    via: Arc<Via>,
     max_head: usize,
 }
 
@@ -155,8 +158,8 @@ impl ProxyCore {
         strip_hop_by_hop(headers);
         // We answer Expect ourselves, when the body is first read.
         headers.remove("expect");
-        let forwarded_for = joined(headers, "x-forwarded-for", &client.ip().to_string());
-        headers.set("X-Forwarded-For", forwarded_for);
+        let mut ip = [0u8; 64];
+        headers.add_to_list("X-Forwarded-For", display_in(&mut ip, client.ip()));
         headers.set("X-Forwarded-Proto", "http");
         if let Some(host) = headers.get("host").map(<[u8]>::to_vec) {
             headers.set("X-Forwarded-Host", host);
@@ -177,13 +180,28 @@ impl ProxyCore {
     }
 }
 
-fn add_via(headers: &mut Headers, received: Version, via: &str) {
-    let version = match received {
-        Version::Http10 => "1.0",
-        Version::Http11 => "1.1",
+fn add_via(headers: &mut Headers, received: Version, via: &Via) {
+    let ours = match received {
+        Version::Http10 => &via.http10,
+        Version::Http11 => &via.http11,
     };
-    let via = joined(headers, "via", &format!("{version} {via}"));
-    headers.set("Via", via);
+    headers.add_to_list("Via", ours.as_bytes());
+}
+
+/// Our Via entry for each protocol version we receive (RFC 9110 §7.6.3).
+struct Via {
+    http10: String,
+    http11: String,
+}
+
+/// `value` formatted into `buf`, without allocating.
+fn display_in(buf: &mut [u8], value: impl std::fmt::Display) -> &[u8] {
+    let size = buf.len();
+    let mut rest = &mut buf[..];
+    // An IP address fits in 64 bytes; a value that does not is cut short.
+    let _ = write!(rest, "{value}");
+    let written = size - rest.len();
+    &buf[..written]
 }
 
 /// Writes the request head and streams its body.
@@ -207,7 +225,7 @@ struct Forward {
     replay: bool,
     pool: Arc<Pool>,
     addr: SocketAddr,
-    via: Arc<str>,
+    via: Arc<Via>,
     max_head: usize,
     head_request: bool,
     received_any: bool,
@@ -487,18 +505,19 @@ fn send_body(downstream: &mut Downstream, upstream: &mut impl Write) -> Result<(
     Ok(())
 }
 
-/// Field values of `name` so far, then `ours`, as one comma-separated list.
-fn joined(headers: &Headers, name: &str, ours: &str) -> String {
-    let mut list: Vec<&[u8]> = headers.get_all(name).collect();
-    list.push(ours.as_bytes());
-    String::from_utf8_lossy(&list.join(&b", "[..])).into_owned()
-}
 
 /// Fields meant for one connection only (RFC 9110 §7.6.1), never forwarded.
 const HOP_BY_HOP: [&str; 6] = ["connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade"];
 
 fn strip_hop_by_hop(headers: &mut Headers) {
-    let listed: Vec<Vec<u8>> = headers.list("connection").map(<[u8]>::to_ascii_lowercase).collect();
+    // Only names beyond the usual "keep-alive" or "close" need remembering.
+    let listed: Vec<Vec<u8>> = headers
+        .list("connection")
+        .filter(|token| {
+            !token.eq_ignore_ascii_case(b"close") && !HOP_BY_HOP.iter().any(|h| token.eq_ignore_ascii_case(h.as_bytes()))
+        })
+        .map(<[u8]>::to_ascii_lowercase)
+        .collect();
     headers.retain(|name, _| {
         !HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
             && !listed.iter().any(|l| name.eq_ignore_ascii_case(l))

@@ -46,6 +46,23 @@ impl Headers {
         self.entries.push(Entry { name, value });
     }
 
+    /// Adds `item` to the comma-separated list `name` (X-Forwarded-For,
+    /// Via), leaving one field with every earlier value and then `item`.
+    /// Allocates only when there were earlier values to join.
+    pub fn add_to_list(&mut self, name: &str, item: &[u8]) {
+        if !self.contains(name) {
+            self.append(name, item);
+            return;
+        }
+        let mut joined = Vec::with_capacity(64 + item.len());
+        for value in self.get_all(name) {
+            joined.extend_from_slice(value);
+            joined.extend_from_slice(b", ");
+        }
+        joined.extend_from_slice(item);
+        self.set(name, joined);
+    }
+
     /// Replaces every field of this name with one.
     pub fn set(&mut self, name: &str, value: impl AsRef<[u8]>) {
         self.remove(name);
@@ -161,6 +178,20 @@ pub fn trim(mut b: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn add_to_list_joins_earlier_fields_into_one() {
+        let mut h = Headers::new();
+        h.add_to_list("Via", b"1.1 a");
+        assert_eq!(h.get_all("via").collect::<Vec<_>>(), [&b"1.1 a"[..]]);
+        h.append("X-Forwarded-For", "10.0.0.1");
+        h.append("x-forwarded-for", "10.0.0.2, 10.0.0.3");
+        h.add_to_list("X-Forwarded-For", b"127.0.0.1");
+        assert_eq!(
+            h.get_all("x-forwarded-for").collect::<Vec<_>>(),
+            [&b"10.0.0.1, 10.0.0.2, 10.0.0.3, 127.0.0.1"[..]]
+        );
+    }
 
     #[test]
     fn keeps_order_repeats_and_case() {
