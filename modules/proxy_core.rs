@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use crate::http::body::{BodyError, BodyReader};
 use crate::http::chunked::{encode_chunk_header, encode_last_chunk, CHUNK_END};
-use crate::http::{response, BodyKind, Headers, Request, ResponseHead, Version};
+use crate::http::{display_in, response, BodyKind, Headers, Request, ResponseHead, Version};
 use crate::pipeline::{
     Body, BodyStream, BuildEnv, Context, Downstream, Flow, Module, PendingResponse, Response, Resumed, Timer,
 };
@@ -161,9 +161,7 @@ impl ProxyCore {
         let mut ip = [0u8; 64];
         headers.add_to_list("X-Forwarded-For", display_in(&mut ip, client.ip()));
         headers.set("X-Forwarded-Proto", "http");
-        if let Some(host) = headers.get("host").map(<[u8]>::to_vec) {
-            headers.set("X-Forwarded-Host", host);
-        }
+        headers.set_from("X-Forwarded-Host", "host");
         add_via(headers, req.version, &self.via);
         if body == BodyKind::Chunked {
             headers.append("Transfer-Encoding", "chunked");
@@ -194,15 +192,6 @@ struct Via {
     http11: String,
 }
 
-/// `value` formatted into `buf`, without allocating.
-fn display_in(buf: &mut [u8], value: impl std::fmt::Display) -> &[u8] {
-    let size = buf.len();
-    let mut rest = &mut buf[..];
-    // An IP address fits in 64 bytes; a value that does not is cut short.
-    let _ = write!(rest, "{value}");
-    let written = size - rest.len();
-    &buf[..written]
-}
 
 /// Writes the request head and streams its body.
 fn write_request(conn: &mut Pooled, head: &[u8], downstream: &mut Downstream) -> Result<(), Failure> {

@@ -63,6 +63,27 @@ impl Headers {
         self.set(name, joined);
     }
 
+    /// Sets `to` to the value of the first `from` field, if there is one
+    /// (X-Forwarded-Host from Host), without copying it out first.
+    pub fn set_from(&mut self, to: &str, from: &str) {
+        let bytes = &self.bytes;
+        let Some(value) = self
+            .entries
+            .iter()
+            .find(|e| bytes[range(&e.name)].eq_ignore_ascii_case(from.as_bytes()))
+            .map(|e| range(&e.value))
+        else {
+            return;
+        };
+        // Removing leaves the bytes in place, so `value` stays valid.
+        self.remove(to);
+        let name = self.push_bytes(to.as_bytes());
+        let start = self.bytes.len() as u32;
+        self.bytes.extend_from_within(value);
+        let value = start..self.bytes.len() as u32;
+        self.entries.push(Entry { name, value });
+    }
+
     /// Replaces every field of this name with one.
     pub fn set(&mut self, name: &str, value: impl AsRef<[u8]>) {
         self.remove(name);
@@ -178,6 +199,20 @@ pub fn trim(mut b: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn set_from_copies_a_value_under_another_name() {
+        let mut h = Headers::new();
+        h.append("Host", "example.com");
+        h.append("X-Forwarded-Host", "old");
+        h.set_from("X-Forwarded-Host", "host");
+        assert_eq!(
+            h.get_all("x-forwarded-host").collect::<Vec<_>>(),
+            [&b"example.com"[..]]
+        );
+        h.set_from("X-Missing", "no-such-field");
+        assert!(!h.contains("x-missing"));
+    }
 
     #[test]
     fn add_to_list_joins_earlier_fields_into_one() {

@@ -134,3 +134,13 @@ fn chunked_is_last(headers: &Headers) -> bool {
         .last()
         .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
 }
+
+/// `value` formatted into `buf` without allocating (numbers and addresses
+/// in header values); cut short if `buf` is too small.
+pub fn display_in(buf: &mut [u8], value: impl std::fmt::Display) -> &[u8] {
+    let size = buf.len();
+    let mut rest = &mut buf[..];
+    let _ = std::io::Write::write_fmt(&mut rest, format_args!("{value}"));
+    let written = size - rest.len();
+    &buf[..written]
+}

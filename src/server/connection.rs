@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use super::downstream::Downstream;
 use super::{OpenSlot, Shared};
 use crate::http::chunked::{encode_chunk_header, encode_last_chunk, CHUNK_END};
-use crate::http::{request, BodyKind, Framing, HttpError, ReadBuf, Request, Version};
+use crate::http::{display_in, request, BodyKind, Framing, HttpError, ReadBuf, Request, Version};
 use crate::logging::AccessRecord;
 use crate::pipeline::{Body, Context, Handled, ModuleFailed, PendingResponse, Response, Resumed};
 
@@ -341,14 +341,21 @@ fn write_response(
     let bodyless =
         req.method == "HEAD" || head.is_informational() || matches!(head.status, 204 | 304);
     let mut chunked = false;
+    let mut digits = [0u8; 20];
     if !bodyless {
         head.headers.remove("transfer-encoding");
         match &resp.body {
             Body::Empty => head.headers.set("Content-Length", "0"),
-            Body::Bytes(bytes) => head.headers.set("Content-Length", bytes.len().to_string()),
-            Body::File(file) => head.headers.set("Content-Length", file.len().to_string()),
+            Body::Bytes(bytes) => head
+                .headers
+                .set("Content-Length", display_in(&mut digits, bytes.len())),
+            Body::File(file) => head
+                .headers
+                .set("Content-Length", display_in(&mut digits, file.len())),
             Body::Stream(stream) => match stream.length() {
-                Some(n) => head.headers.set("Content-Length", n.to_string()),
+                Some(n) => head
+                    .headers
+                    .set("Content-Length", display_in(&mut digits, n)),
                 None if req.version == Version::Http11 => {
                     head.headers.remove("content-length");
                     head.headers.append("Transfer-Encoding", "chunked");
