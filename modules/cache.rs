@@ -38,7 +38,7 @@ use crate::disk_store::DiskStore;
 use crate::memfile::MemFile;
 use crate::http::cache_control::Directives;
 use crate::http::conditional::{http_date, not_modified, requested_range};
-use crate::http::{Headers, Request, ResponseHead};
+use crate::http::{display_in, Headers, Request, ResponseHead};
 use ipnet::IpNet;
 
 use crate::pipeline::{Body, BuildEnv, Context, Downstream, Flow, Module, PendingResponse, Response, Resumed, Signal};
@@ -568,7 +568,7 @@ impl Module for Arc<Cache> {
     fn on_response(&self, req: &Request, resp: &mut Response, ctx: &mut Context) {
         match ctx.take::<State>() {
             None | Some(State::Hit) => {}
-            Some(State::Bypass(why)) => self.mark(&mut resp.head, &format!("fwd={why}"), false),
+            Some(State::Bypass(why)) => self.mark(&mut resp.head, format_args!("fwd={why}"), false),
             Some(State::Invalidate { host, key }) => {
                 if resp.head.status < 400 {
                     self.forget(&key);
@@ -603,14 +603,14 @@ impl Module for Arc<Cache> {
                             entry,
                             body: Vec::new(),
                         });
-                        self.mark(&mut resp.head, &format!("fwd={status}; stored"), false);
+                        self.mark(&mut resp.head, format_args!("fwd={status}; stored"), false);
                     }
                     None => {
                         ctx.take::<Leading>(); // nothing to wait for: let the others go
                         if req.method == "GET" && !known_uncacheable {
                             self.uncacheable.insert(key, ());
                         }
-                        self.mark(&mut resp.head, &format!("fwd={status}"), false);
+                        self.mark(&mut resp.head, format_args!("fwd={status}"), false);
                     }
                 }
             }
@@ -805,7 +805,7 @@ impl Cache {
         for part in &self.key {
             match part {
                 KeyPart::Scheme => key.push_str("http://"),
-                KeyPart::Host => key.push_str(&host.to_ascii_lowercase()),
+                KeyPart::Host => key.extend(host.chars().map(|c| c.to_ascii_lowercase())),
                 KeyPart::Path => key.push_str(path),
                 KeyPart::Query => {
                     if let Some(query) = query {
@@ -1107,7 +1107,7 @@ impl Cache {
     fn serve(&self, entry: &Entry, client: Option<&Request>, now: Instant, status: &str, hit: bool) -> Response {
         let mut head = entry.head.clone();
         head.headers.set("Age", entry.age(now).as_secs().to_string());
-        self.mark(&mut head, status, hit);
+        self.mark(&mut head, format_args!("{status}"), hit);
         if client.is_some_and(|req| not_modified(&entry.head, req)) {
             head.status = 304;
             head.reason = None;
@@ -1186,11 +1186,12 @@ impl Cache {
     }
 
     /// Cache-Status (RFC 9211), and the X-Cache-style header if configured.
-    fn mark(&self, head: &mut ResponseHead, status: &str, hit: bool) {
+    fn mark(&self, head: &mut ResponseHead, status: std::fmt::Arguments, hit: bool) {
         if self.targeted_cache_control {
             head.headers.remove("surrogate-control"); // meant for us, not for clients
         }
-        head.headers.append("Cache-Status", format!("proxycache; {status}"));
+        let mut value = [0u8; 256];
+        head.headers.append("Cache-Status", display_in(&mut value, format_args!("proxycache; {status}")));
         if let Some(name) = &self.x_cache_header {
             head.headers.set(name, if hit { "HIT" } else { "MISS" });
         }
