@@ -38,7 +38,7 @@ use crate::disk_store::DiskStore;
 use crate::memfile::MemFile;
 use crate::http::cache_control::Directives;
 use crate::http::conditional::{http_date, not_modified, requested_range};
-use crate::http::{display_in, Headers, Request, ResponseHead};
+use crate::http::{Headers, Request, ResponseHead};
 use ipnet::IpNet;
 
 use crate::pipeline::{Body, BuildEnv, Context, Downstream, Flow, Module, PendingResponse, Response, Resumed, Signal};
@@ -495,20 +495,20 @@ fn heuristically_cacheable(status: u16) -> bool {
 
 impl Module for Arc<Cache> {
     fn handle(&self, req: &mut Request, _downstream: &mut Downstream, ctx: &mut Context) -> Flow {
-        let host = req.host().unwrap_or_default().to_owned();
-        let key = self.key_for(&host, &req.target, &req.headers);
+        let host = req.host().unwrap_or_default();
+        let key = self.key_for(host, &req.target, &req.headers);
         if req.method == "PURGE" && !self.purge_from.is_empty() {
             ctx.put(State::Hit);
             return Flow::Respond(self.purge_request(req, &key, ctx));
         }
         if matches!(req.method.as_str(), "POST" | "PUT" | "DELETE" | "PATCH") {
-            ctx.put(State::Invalidate { host, key });
+            ctx.put(State::Invalidate { host: host.to_owned(), key });
             return Flow::Continue;
         }
         if !self.methods.contains(&req.method) {
             return Flow::Continue;
         }
-        if self.rule(&host, &req.target).is_some_and(|rule| rule.bypass) {
+        if self.rule(host, &req.target).is_some_and(|rule| rule.bypass) {
             ctx.put(State::Bypass("bypass"));
             return Flow::Continue;
         }
@@ -527,7 +527,7 @@ impl Module for Arc<Cache> {
             None => absent,
             Some(entry) if servable(entry, &asked, now) => return Flow::Respond(self.hit(entry, req, now, ctx)),
             Some(entry) if within_stale_while_revalidate(entry, now) => {
-                self.refresh_in_background(&key, &host, &req.target, entry);
+                self.refresh_in_background(&key, host, &req.target, entry);
                 ctx.put(State::Hit);
                 return Flow::Respond(self.serve(entry, Some(req), now, "hit; fwd=stale; detail=stale-while-revalidate", true));
             }
@@ -568,7 +568,7 @@ impl Module for Arc<Cache> {
     fn on_response(&self, req: &Request, resp: &mut Response, ctx: &mut Context) {
         match ctx.take::<State>() {
             None | Some(State::Hit) => {}
-            Some(State::Bypass(why)) => self.mark(&mut resp.head, format_args!("fwd={why}"), false),
+            Some(State::Bypass(why)) => self.mark(&mut resp.head, &["fwd=", why], false),
             Some(State::Invalidate { host, key }) => {
                 if resp.head.status < 400 {
                     self.forget(&key);
@@ -603,14 +603,14 @@ impl Module for Arc<Cache> {
                             entry,
                             body: Vec::new(),
                         });
-                        self.mark(&mut resp.head, format_args!("fwd={status}; stored"), false);
+                        self.mark(&mut resp.head, &["fwd=", status, "; stored"], false);
                     }
                     None => {
                         ctx.take::<Leading>(); // nothing to wait for: let the others go
                         if req.method == "GET" && !known_uncacheable {
                             self.uncacheable.insert(key, ());
                         }
-                        self.mark(&mut resp.head, format_args!("fwd={status}"), false);
+                        self.mark(&mut resp.head, &["fwd=", status], false);
                     }
                 }
             }
@@ -942,7 +942,8 @@ impl Cache {
             // find that it varies after all, and learn its index).
             None => match self.lookup(key) {
                 Some(entry) => return Ok(entry),
-                None => self.vary_index.get(key).ok_or("miss")?,
+                None if self.disk.is_some() => self.vary_index.get(key).ok_or("miss")?,
+                None => return Err("miss"),
             },
         };
         let values: Vec<(String, String)> = index.names.iter().map(|n| (n.clone(), vary_value(req, n))).collect();
@@ -1107,7 +1108,7 @@ impl Cache {
     fn serve(&self, entry: &Entry, client: Option<&Request>, now: Instant, status: &str, hit: bool) -> Response {
         let mut head = entry.head.clone();
         head.headers.set("Age", entry.age(now).as_secs().to_string());
-        self.mark(&mut head, format_args!("{status}"), hit);
+        self.mark(&mut head, &[status], hit);
         if client.is_some_and(|req| not_modified(&entry.head, req)) {
             head.status = 304;
             head.reason = None;
@@ -1178,7 +1179,8 @@ impl Cache {
         for (name, value) in &updated {
             head.headers.append(name, value);
         }
-        let mut entry = self.entry_for(&head, request_time, None)?;
+        let said = self.response_directives(&head.headers);
+        let mut entry = self.entry_for(&head, &said, request_time, None)?;
         entry.body = stale.body.clone();
         entry.vary = stale.vary.clone();
         entry.head.headers.set("Content-Length", entry.body.len().to_string());
@@ -1186,12 +1188,17 @@ impl Cache {
     }
 
     /// Cache-Status (RFC 9211), and the X-Cache-style header if configured.
-    fn mark(&self, head: &mut ResponseHead, status: std::fmt::Arguments, hit: bool) {
+    /// `status` is the Cache-Status parameters, in pieces joined in place.
+    fn mark(&self, head: &mut ResponseHead, status: &[&str], hit: bool) {
         if self.targeted_cache_control {
             head.headers.remove("surrogate-control"); // meant for us, not for clients
         }
-        let mut value = [0u8; 256];
-        head.headers.append("Cache-Status", display_in(&mut value, format_args!("proxycache; {status}")));
+        debug_assert!(status.len() <= 3, "Cache-Status takes at most three pieces");
+        let mut value: [&[u8]; 4] = [b"proxycache; ", b"", b"", b""];
+        for (slot, part) in value[1..].iter_mut().zip(status) {
+            *slot = part.as_bytes();
+        }
+        head.headers.append_joined("Cache-Status", &value);
         if let Some(name) = &self.x_cache_header {
             head.headers.set(name, if hit { "HIT" } else { "MISS" });
         }
@@ -1220,7 +1227,7 @@ impl Cache {
         }
 
         let ttl = self.rule(req.host().unwrap_or_default(), &req.target).and_then(|rule| rule.ttl);
-        let mut entry = self.entry_for(resp, request_time, ttl.map(|t| t.0))?;
+        let mut entry = self.entry_for(resp, &said, request_time, ttl.map(|t| t.0))?;
         entry.vary = resp
             .headers
             .list("vary")
@@ -1236,15 +1243,21 @@ impl Cache {
     /// A response as an entry: its freshness lifetime (§4.2.1) and age
     /// bookkeeping (§4.2.3). `None` when it would be stale at once and has no
     /// validator to revalidate it with, so storing it is useless.
-    fn entry_for(&self, resp: &ResponseHead, request_time: Instant, ttl: Option<Duration>) -> Option<Entry> {
-        let said = self.response_directives(&resp.headers);
+    fn entry_for(&self, resp: &ResponseHead, said: &Directives, request_time: Instant, ttl: Option<Duration>) -> Option<Entry> {
+        let validators = resp.headers.contains("etag") || resp.headers.contains("last-modified");
+        // Without explicit freshness, Expires or a validator (Last-Modified is
+        // also what heuristic freshness needs) nothing here could be stored:
+        // the common uncacheable response stops before any date is parsed.
+        let explicit = ttl.is_some() || said.s_maxage.or(said.max_age).is_some() || resp.headers.contains("expires");
+        if !explicit && !validators {
+            return None;
+        }
         let now_wall = SystemTime::now();
         let date = http_date(&resp.headers, "date").unwrap_or(now_wall);
         let freshness = match ttl {
             Some(ttl) => ttl,
-            None => self.freshness_lifetime(resp, &said, date)?,
+            None => self.freshness_lifetime(resp, said, date)?,
         };
-        let validators = resp.headers.contains("etag") || resp.headers.contains("last-modified");
         if (freshness.is_zero() || said.no_cache) && !validators {
             return None;
         }

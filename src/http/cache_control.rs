@@ -1,5 +1,6 @@
 //! Cache-Control and the fields that share its syntax (RFC 9111 §5.2).
 
+use super::headers::{list_items, trim};
 use super::Headers;
 
 /// Cache-Control directives (RFC 9111 §5.2, RFC 5861) that a cache acts on.
@@ -27,36 +28,64 @@ impl Directives {
     }
 
     /// A field with Cache-Control syntax (also CDN-Cache-Control, Surrogate-Control).
+    /// One pass over the fields, no allocation: this runs twice per request.
     pub fn parse_field(headers: &Headers, field: &str) -> Directives {
         let mut d = Directives::default();
-        for item in headers.list(field) {
-            let item = String::from_utf8_lossy(item);
-            let (name, value) = match item.split_once('=') {
-                Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
-                None => (item.trim(), None),
-            };
-            let seconds = value.and_then(|v| v.parse::<u64>().ok());
-            match name.to_ascii_lowercase().as_str() {
-                "no-store" => d.no_store = true,
-                "no-cache" => d.no_cache = true,
-                "private" => d.private = true,
-                "public" => d.public = true,
-                "must-revalidate" | "proxy-revalidate" => d.must_revalidate = true,
-                "only-if-cached" => d.only_if_cached = true,
-                "max-age" => d.max_age = seconds,
-                "s-maxage" => d.s_maxage = seconds,
-                "min-fresh" => d.min_fresh = seconds,
-                "max-stale" => d.max_stale = Some(seconds),
-                "stale-if-error" => d.stale_if_error = seconds,
-                "stale-while-revalidate" => d.stale_while_revalidate = seconds,
-                _ => {}
+        let mut cache_control = false;
+        let mut pragma_no_cache = false;
+        for (name, value) in headers.iter() {
+            cache_control |= name.eq_ignore_ascii_case(b"cache-control");
+            if name.eq_ignore_ascii_case(field.as_bytes()) {
+                list_items(value).for_each(|item| d.apply(item));
+            } else if name.eq_ignore_ascii_case(b"pragma") {
+                pragma_no_cache |=
+                    list_items(value).any(|item| item.eq_ignore_ascii_case(b"no-cache"));
             }
         }
         // HTTP/1.0 clients say Pragma: no-cache (§5.4), when Cache-Control is absent.
-        if !headers.contains("cache-control") && headers.has_token("pragma", "no-cache") {
+        if !cache_control && pragma_no_cache {
             d.no_cache = true;
         }
         d
+    }
+
+    /// Takes in one directive, `name` or `name=value`; unknown ones are ignored.
+    fn apply(&mut self, item: &[u8]) {
+        let (name, value) = match item.iter().position(|&b| b == b'=') {
+            Some(eq) => (trim(&item[..eq]), Some(trim(&item[eq + 1..]))),
+            None => (trim(item), None),
+        };
+        let seconds = value.and_then(|v| {
+            let v = v.strip_prefix(b"\"").unwrap_or(v);
+            let v = v.strip_suffix(b"\"").unwrap_or(v);
+            std::str::from_utf8(v).ok()?.parse::<u64>().ok()
+        });
+        let is = |directive: &str| name.eq_ignore_ascii_case(directive.as_bytes());
+        if is("no-store") {
+            self.no_store = true;
+        } else if is("no-cache") {
+            self.no_cache = true;
+        } else if is("private") {
+            self.private = true;
+        } else if is("public") {
+            self.public = true;
+        } else if is("must-revalidate") || is("proxy-revalidate") {
+            self.must_revalidate = true;
+        } else if is("only-if-cached") {
+            self.only_if_cached = true;
+        } else if is("max-age") {
+            self.max_age = seconds;
+        } else if is("s-maxage") {
+            self.s_maxage = seconds;
+        } else if is("min-fresh") {
+            self.min_fresh = seconds;
+        } else if is("max-stale") {
+            self.max_stale = Some(seconds);
+        } else if is("stale-if-error") {
+            self.stale_if_error = seconds;
+        } else if is("stale-while-revalidate") {
+            self.stale_while_revalidate = seconds;
+        }
     }
 }
 

@@ -84,6 +84,17 @@ impl Headers {
         self.entries.push(Entry { name, value });
     }
 
+    /// Appends a field whose value is `parts` joined, built in place.
+    pub fn append_joined(&mut self, name: &str, parts: &[&[u8]]) {
+        let name = self.push_bytes(name.as_bytes());
+        let start = self.bytes.len() as u32;
+        for part in parts {
+            self.bytes.extend_from_slice(part);
+        }
+        let value = start..self.bytes.len() as u32;
+        self.entries.push(Entry { name, value });
+    }
+
     /// Replaces every field of this name with one.
     pub fn set(&mut self, name: &str, value: impl AsRef<[u8]>) {
         self.remove(name);
@@ -92,11 +103,14 @@ impl Headers {
 
     /// Removes every field of this name; true if there was one.
     pub fn remove(&mut self, name: &str) -> bool {
-        let before = self.entries.len();
+        // Usually absent: a quick look costs less than rewriting the list.
+        if !self.contains(name) {
+            return false;
+        }
         let bytes = &self.bytes;
         self.entries
             .retain(|e| !bytes[range(&e.name)].eq_ignore_ascii_case(name.as_bytes()));
-        before != self.entries.len()
+        true
     }
 
     /// Keeps only the fields for which `keep(name, value)` is true.
@@ -119,9 +133,15 @@ impl Headers {
         &'a self,
         name: &'n str,
     ) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n> {
-        self.iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(_, v)| v)
+        let name = name.as_bytes();
+        // Lengths first: most fields are ruled out without touching their bytes.
+        self.entries
+            .iter()
+            .filter(move |e| {
+                (e.name.end - e.name.start) as usize == name.len()
+                    && self.bytes[range(&e.name)].eq_ignore_ascii_case(name)
+            })
+            .map(|e| &self.bytes[range(&e.value)])
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -130,10 +150,7 @@ impl Headers {
 
     /// Every comma-separated element of every `name` field, trimmed.
     pub fn list<'a, 'n>(&'a self, name: &'n str) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n> {
-        self.get_all(name)
-            .flat_map(|v| v.split(|&b| b == b','))
-            .map(trim)
-            .filter(|item| !item.is_empty())
+        self.get_all(name).flat_map(list_items)
     }
 
     /// True if a comma-separated `name` field holds `token` (case-insensitive).
@@ -183,6 +200,14 @@ impl std::fmt::Debug for Headers {
 
 fn range(r: &Range<u32>) -> Range<usize> {
     r.start as usize..r.end as usize
+}
+
+/// The comma-separated elements of one field value, trimmed, empty ones skipped.
+pub fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(trim)
+        .filter(|item| !item.is_empty())
 }
 
 /// Strips optional whitespace (SP / HTAB) from both ends.
@@ -249,6 +274,9 @@ mod tests {
         assert!(h.has_token("connection", "x-foo"));
         assert!(h.has_token("connection", "upgrade"));
         assert!(!h.has_token("connection", "close"));
+        h.append_joined("X-Joined", &[b"a", b"", b"bc"]);
+        assert_eq!(h.get("x-joined"), Some(&b"abc"[..]));
+        h.remove("x-joined");
         h.set("Connection", "close");
         assert_eq!(h.len(), 1);
         assert!(h.remove("CONNECTION"));
