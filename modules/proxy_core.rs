@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use crate::http::body::{BodyError, BodyReader};
 use crate::http::chunked::{encode_chunk_header, encode_last_chunk, CHUNK_END};
-use crate::http::{display_in, response, BodyKind, Headers, Request, ResponseHead, Version};
+use crate::http::{ip_in, response, BodyKind, Headers, Request, ResponseHead, Version};
 use crate::pipeline::{
     Body, BodyStream, BuildEnv, Context, Downstream, Flow, Module, PendingResponse, Response, Resumed, Timer,
 };
@@ -159,7 +159,7 @@ impl ProxyCore {
         // We answer Expect ourselves, when the body is first read.
         headers.remove("expect");
         let mut ip = [0u8; 64];
-        headers.add_to_list("X-Forwarded-For", display_in(&mut ip, client.ip()));
+        headers.add_to_list("X-Forwarded-For", ip_in(&mut ip, client.ip()));
         headers.set("X-Forwarded-Proto", "http");
         headers.set_from("X-Forwarded-Host", "host");
         add_via(headers, req.version, &self.via);

@@ -65,7 +65,7 @@ impl Module for RequestId {
         ctx.request_id = match incoming {
             // is_valid_id admits ASCII only.
             Some(id) => String::from_utf8_lossy(id).into_owned(),
-            None => uuid::Uuid::now_v7().hyphenated().to_string(),
+            None => uuid::Uuid::now_v7().hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()).to_owned(),
         };
         req.headers.set(&self.header, &ctx.request_id);
         Flow::Continue

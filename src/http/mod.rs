@@ -94,13 +94,19 @@ pub fn reason_phrase(status: u16) -> &'static str {
 /// bare LF line endings, and a peer that disagrees about line ends is the
 /// classic way to smuggle a second request past us.
 fn check_line_endings(head: &[u8]) -> Result<(), &'static str> {
-    for (i, &b) in head.iter().enumerate() {
-        match b {
-            b'\n' if i == 0 || head[i - 1] != b'\r' => return Err("bare LF line ending"),
-            b'\r' if head.get(i + 1) != Some(&b'\n') => return Err("bare CR in head"),
-            0 => return Err("NUL byte in head"),
-            _ => {}
+    if memchr::memchr(0, head).is_some() {
+        return Err("NUL byte in head");
+    }
+    let mut line_ends = 0;
+    for i in memchr::memchr_iter(b'\n', head) {
+        if i == 0 || head[i - 1] != b'\r' {
+            return Err("bare LF line ending");
         }
+        line_ends += 1;
+    }
+    // Every LF has its own CR before it, so any CR beyond those stands alone.
+    if head.iter().filter(|&&b| b == b'\r').count() != line_ends {
+        return Err("bare CR in head");
     }
     Ok(())
 }
@@ -135,6 +141,33 @@ fn chunked_is_last(headers: &Headers) -> bool {
         .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
 }
 
+/// An IP address as text, in `buf`. IPv4 (nearly every client) is written
+/// digit by digit: the `fmt` machinery would cost more than the rest of the
+/// forwarding headers together.
+pub fn ip_in(buf: &mut [u8; 64], ip: std::net::IpAddr) -> &[u8] {
+    let std::net::IpAddr::V4(v4) = ip else {
+        return display_in(buf, ip);
+    };
+    let mut n = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[n] = b'.';
+            n += 1;
+        }
+        if octet >= 100 {
+            buf[n] = b'0' + octet / 100;
+            n += 1;
+        }
+        if octet >= 10 {
+            buf[n] = b'0' + octet / 10 % 10;
+            n += 1;
+        }
+        buf[n] = b'0' + octet % 10;
+        n += 1;
+    }
+    &buf[..n]
+}
+
 /// `value` formatted into `buf` without allocating (numbers and addresses
 /// in header values); cut short if `buf` is too small.
 pub fn display_in(buf: &mut [u8], value: impl std::fmt::Display) -> &[u8] {
@@ -143,4 +176,53 @@ pub fn display_in(buf: &mut [u8], value: impl std::fmt::Display) -> &[u8] {
     let _ = std::io::Write::write_fmt(&mut rest, format_args!("{value}"));
     let written = size - rest.len();
     &buf[..written]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_in_writes_what_display_writes() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.30.40",
+            "192.168.100.255",
+            "9.99.100.199",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+        ] {
+            let addr: std::net::IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_in(&mut [0; 64], addr), ip.as_bytes());
+        }
+    }
+
+    #[test]
+    fn line_endings_must_be_crlf() {
+        assert_eq!(
+            check_line_endings(b"GET / HTTP/1.1\r\nA: b\r\n\r\n"),
+            Ok(())
+        );
+        assert_eq!(
+            check_line_endings(b"GET / HTTP/1.1\nA: b\r\n\r\n"),
+            Err("bare LF line ending")
+        );
+        assert_eq!(
+            check_line_endings(b"\nGET / HTTP/1.1\r\n\r\n"),
+            Err("bare LF line ending")
+        );
+        assert_eq!(
+            check_line_endings(b"GET / HTTP/1.1\r\nA: b\rc\r\n\r\n"),
+            Err("bare CR in head")
+        );
+        assert_eq!(
+            check_line_endings(b"GET / HTTP/1.1\r\n\r\n\r"),
+            Err("bare CR in head")
+        );
+        assert_eq!(
+            check_line_endings(b"GET / HTTP/1.1\r\nA: \0\r\n\r\n"),
+            Err("NUL byte in head")
+        );
+    }
 }

@@ -63,7 +63,7 @@ pub fn parse(buf: &[u8], limits: &Limits) -> Result<Option<(Request, Framing, us
     let skipped = buf.chunks(2).take_while(|pair| *pair == b"\r\n").count() * 2;
     let buf = &buf[skipped..];
 
-    let line_end = buf.iter().position(|&b| b == b'\n');
+    let line_end = memchr::memchr(b'\n', buf);
     if line_end.unwrap_or(buf.len()) > limits.max_request_line {
         return Err(HttpError::new(414, "request line too long"));
     }
