@@ -35,7 +35,7 @@ pub struct ServerConfig {
     pub listen_addr: SocketAddr,
     /// Where requests go until routes choose otherwise.
     pub backend_addr: SocketAddr,
-    /// 0: two per CPU core.
+    /// 0: one per CPU core.
     pub workers: usize,
     /// The pool grows up to this while slow bodies or readers hold workers.
     pub max_workers: NonZeroUsize,

@@ -168,3 +168,40 @@ fn stalled_uploads_beyond_the_worker_count_do_not_block_others() {
     assert!(took < Duration::from_secs(3), "20 requests took {took:?}");
     drop(stalled);
 }
+
+/// Worker threads the proxy runs now.
+fn worker_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter(|task| {
+            let comm = task.as_ref().unwrap().path().join("comm");
+            std::fs::read_to_string(comm).is_ok_and(|name| name.starts_with("worker-"))
+        })
+        .count()
+}
+
+#[test]
+fn a_worker_held_by_a_stalled_upload_is_replaced_while_the_others_keep_serving() {
+    // One of two workers waits on a stalled body while the other stays busy
+    // serving (so the server as a whole makes progress): the pool must still
+    // grow until two workers are free again.
+    let backend = Backend::ok("fine");
+    let proxy = Proxy::with(
+        backend.addr,
+        Conf {
+            server: "workers = 2\nbody_timeout = \"10s\"",
+            ..Conf::default()
+        },
+    );
+    assert_eq!(worker_threads(proxy.pid()), 2);
+    let mut stalled = TcpStream::connect(proxy.addr).unwrap();
+    stalled
+        .write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nab")
+        .unwrap();
+    let until = Instant::now() + Duration::from_millis(600);
+    while Instant::now() < until {
+        assert_eq!(get(proxy.addr, "/").text(), "fine");
+    }
+    assert_eq!(worker_threads(proxy.pid()), 3);
+    drop(stalled);
+}

@@ -21,6 +21,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
+
 pub use downstream::Downstream;
 
 use crate::config::Config;
@@ -121,12 +123,13 @@ impl Server {
             busy: AtomicUsize::new(0),
             workers: Workers {
                 min: match s.workers {
-                    0 => 2 * thread::available_parallelism().map_or(1, |n| n.get()),
+                    0 => thread::available_parallelism().map_or(1, |n| n.get()),
                     n => n,
                 },
                 max: s.max_workers.get(),
                 running: AtomicUsize::new(0),
-                handled: AtomicU64::new(0),
+                tick: AtomicU64::new(1),
+                stamps: Mutex::new(Vec::new()),
             },
             reactor,
             parked: Parked::new(),
@@ -201,17 +204,33 @@ impl Server {
     }
 }
 
-/// The worker pool's size. `min` workers always run. Reading a request body
-/// or writing to a slow client still blocks a worker, so when every worker is
-/// busy and none finished anything for a housekeeping tick (stuck, not just
-/// loaded) another is started, up to `max`; an extra worker that finds
-/// nothing to do for `EXTRA_WORKER_IDLE` ends.
+/// The worker pool's size. `min` workers always run, one per core by
+/// default: more would only contend for the cores (and show in tail latency).
+/// Reading a request body or writing to a slow client still holds a worker,
+/// so whenever fewer than `min` workers are free of such a wait (one event
+/// held for over a housekeeping tick), another is started, up to `max`; an
+/// extra worker that finds nothing to do for `EXTRA_WORKER_IDLE` ends.
 struct Workers {
     min: usize,
     max: usize,
     running: AtomicUsize,
-    /// Events handled so far: the progress housekeeping looks for.
-    handled: AtomicU64,
+    /// Housekeeping ticks, from 1: the clock workers stamp their events with.
+    tick: AtomicU64,
+    /// Each running worker's stamp: the tick its current event began, 0 while it waits.
+    stamps: Mutex<Vec<Arc<AtomicU64>>>,
+}
+
+impl Workers {
+    /// Workers held by one event since before the last tick.
+    fn stuck(&self) -> usize {
+        let now = self.tick.fetch_add(1, Relaxed) + 1;
+        self.stamps
+            .lock()
+            .iter()
+            .map(|stamp| stamp.load(Relaxed))
+            .filter(|&began| began != 0 && began + 2 <= now)
+            .count()
+    }
 }
 
 const EXTRA_WORKER_IDLE: i32 = 2000;
@@ -232,9 +251,15 @@ fn spawn_worker(shared: &Arc<Shared>, extra: bool) -> io::Result<()> {
 fn worker(shared: &Arc<Shared>, extra: bool) {
     let mut events = [libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_WAIT];
     let timeout = if extra { EXTRA_WORKER_IDLE } else { -1 };
+    let stamp = Arc::new(AtomicU64::new(0));
+    shared.workers.stamps.lock().push(stamp.clone());
     loop {
         match shared.reactor.wait(&mut events, timeout) {
-            Ok(tokens) if tokens.len() > 0 => tokens.for_each(|token| on_event(shared, token)),
+            Ok(tokens) if tokens.len() > 0 => tokens.for_each(|token| {
+                stamp.store(shared.workers.tick.load(Relaxed), Relaxed);
+                on_event(shared, token);
+                stamp.store(0, Relaxed);
+            }),
             Ok(_) => {
                 // Idle extra worker: end, unless that would go below the minimum.
                 let running = &shared.workers.running;
@@ -244,6 +269,8 @@ fn worker(shared: &Arc<Shared>, extra: bool) {
                     })
                     .is_ok()
                 {
+                    let mut stamps = shared.workers.stamps.lock();
+                    stamps.retain(|s| !Arc::ptr_eq(s, &stamp));
                     return;
                 }
             }
@@ -276,7 +303,6 @@ fn on_event(shared: &Shared, token: u64) {
         Err(_) => log::error!("a connection handler panicked; connection closed, worker continues"),
     }
     shared.busy.fetch_sub(1, Relaxed);
-    shared.workers.handled.fetch_add(1, Relaxed);
 }
 
 /// Puts a served connection where its `Next` says.
@@ -357,14 +383,14 @@ impl Drop for OpenSlot {
 }
 
 fn housekeeping(shared: &Arc<Shared>) {
-    let mut handled_before = 0;
     loop {
         thread::sleep(HOUSEKEEPING_TICK);
         let running = shared.workers.running.load(Relaxed);
-        let handled = shared.workers.handled.load(Relaxed);
-        let stuck = handled == std::mem::replace(&mut handled_before, handled);
-        if stuck && shared.busy.load(Relaxed) >= running && running < shared.workers.max {
-            log::debug!("all {running} workers busy; starting another");
+        let stuck = shared.workers.stuck();
+        if running - stuck.min(running) < shared.workers.min && running < shared.workers.max {
+            log::debug!(
+                "{stuck} of {running} workers held by slow bodies or readers; starting another"
+            );
             if let Err(e) = spawn_worker(shared, true) {
                 log::error!("cannot start a worker: {e}");
             }
