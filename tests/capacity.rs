@@ -144,21 +144,8 @@ fn stalled_uploads_beyond_the_worker_count_do_not_block_others() {
     // Each stalled upload holds a worker (until body_timeout); with 2 workers
     // and 6 of them, the pool must grow so everyone else is still served.
     let backend = Backend::ok("fine");
-    let proxy = Proxy::with(
-        backend.addr,
-        Conf {
-            server: "workers = 2\nbody_timeout = \"10s\"",
-            ..Conf::default()
-        },
-    );
-    let stalled: Vec<TcpStream> = (0..6)
-        .map(|_| {
-            let mut s = TcpStream::connect(proxy.addr).unwrap();
-            s.write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nab")
-                .unwrap();
-            s
-        })
-        .collect();
+    let proxy = two_worker_proxy(&backend);
+    let stalled: Vec<TcpStream> = (0..6).map(|_| stalled_upload(&proxy)).collect();
     thread::sleep(Duration::from_millis(100));
     let started = Instant::now();
     for _ in 0..20 {
@@ -167,6 +154,25 @@ fn stalled_uploads_beyond_the_worker_count_do_not_block_others() {
     let took = started.elapsed();
     assert!(took < Duration::from_secs(3), "20 requests took {took:?}");
     drop(stalled);
+}
+
+/// Two workers, and a body timeout long enough to hold one for the whole test.
+fn two_worker_proxy(backend: &Backend) -> Proxy {
+    Proxy::with(
+        backend.addr,
+        Conf {
+            server: "workers = 2\nbody_timeout = \"10s\"",
+            ..Conf::default()
+        },
+    )
+}
+
+/// An upload that sends 2 of its 10 body bytes and stops: it holds a worker.
+fn stalled_upload(proxy: &Proxy) -> TcpStream {
+    let mut s = TcpStream::connect(proxy.addr).unwrap();
+    s.write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nab")
+        .unwrap();
+    s
 }
 
 /// Worker threads the proxy runs now.
@@ -186,18 +192,9 @@ fn a_worker_held_by_a_stalled_upload_is_replaced_while_the_others_keep_serving()
     // serving (so the server as a whole makes progress): the pool must still
     // grow until two workers are free again.
     let backend = Backend::ok("fine");
-    let proxy = Proxy::with(
-        backend.addr,
-        Conf {
-            server: "workers = 2\nbody_timeout = \"10s\"",
-            ..Conf::default()
-        },
-    );
+    let proxy = two_worker_proxy(&backend);
     assert_eq!(worker_threads(proxy.pid()), 2);
-    let mut stalled = TcpStream::connect(proxy.addr).unwrap();
-    stalled
-        .write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nab")
-        .unwrap();
+    let stalled = stalled_upload(&proxy);
     let until = Instant::now() + Duration::from_millis(600);
     while Instant::now() < until {
         assert_eq!(get(proxy.addr, "/").text(), "fine");
