@@ -25,7 +25,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -41,7 +40,7 @@ use crate::http::conditional::{http_date, not_modified, requested_range};
 use crate::http::{Headers, Request, ResponseHead};
 use ipnet::IpNet;
 
-use crate::pipeline::{Body, BuildEnv, Context, Downstream, Flow, Module, PendingResponse, Response, Resumed, Signal};
+use crate::pipeline::{Body, BuildEnv, Context, Downstream, Flow, Module, PendingResponse, Response, Resumed, Signal, WaitOn};
 
 /// After request_id (so hits carry an id), before proxy_core.
 pub const PRIORITY: i32 = 500;
@@ -384,8 +383,8 @@ struct Follower {
 }
 
 impl PendingResponse for Follower {
-    fn fd(&self) -> RawFd {
-        self.signal.fd()
+    fn wait_on(&self) -> WaitOn {
+        WaitOn::Fd(self.signal.fd())
     }
 
     fn timeout(&self) -> Duration {

@@ -5,14 +5,13 @@
 //! slot frees or `queue_timeout` passes (503). No server available: 503.
 
 use std::net::SocketAddr;
-use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
 use crate::http::Request;
-use crate::pipeline::{BuildEnv, Context, Downstream, Flow, Module, PendingResponse, Response, Resumed, Signal};
+use crate::pipeline::{BuildEnv, Context, Downstream, Flow, Module, PendingResponse, Response, Resumed, Signal, WaitOn};
 use crate::upstream::{resolve, Choice, Group, Lease, Upstreams};
 
 /// After the router and the circuit breaker, before `proxy_core`.
@@ -126,8 +125,8 @@ impl Queued {
 }
 
 impl PendingResponse for Queued {
-    fn fd(&self) -> RawFd {
-        self.signal.fd()
+    fn wait_on(&self) -> WaitOn {
+        WaitOn::Fd(self.signal.fd())
     }
 
     fn timeout(&self) -> Duration {

@@ -5,7 +5,7 @@
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use crate::http::body::{BodyError, BodyReader};
 use crate::http::chunked::{encode_chunk_header, encode_last_chunk, CHUNK_END};
 use crate::http::{ip_in, response, BodyKind, Headers, Request, ResponseHead, Version};
 use crate::pipeline::{
-    Body, BodyStream, BuildEnv, Context, Downstream, Flow, Module, PendingResponse, Response, Resumed, Timer,
+    Body, BodyStream, BuildEnv, Context, Downstream, Flow, Module, PendingResponse, Response, Resumed, Timer, WaitOn,
 };
 use crate::upstream::retry::retry_after;
 use crate::upstream::{Lease, Outcome};
@@ -227,10 +227,10 @@ enum Phase {
 }
 
 impl PendingResponse for Forward {
-    fn fd(&self) -> RawFd {
+    fn wait_on(&self) -> WaitOn {
         match &self.phase {
-            Phase::Waiting(conn) => conn.stream().as_raw_fd(),
-            Phase::Backoff(timer) => timer.fd(),
+            Phase::Waiting(conn) => WaitOn::Pooled(conn.stream().as_raw_fd()),
+            Phase::Backoff(timer) => WaitOn::Fd(timer.fd()),
             Phase::Idle => unreachable!("awaited only when sent or backing off"),
         }
     }
@@ -382,41 +382,46 @@ impl Forward {
         true
     }
 
-    /// One read (the socket is readable, so it does not block), then as much
-    /// of the head as that completes. 1xx responses go on to the client.
+    /// Reads what has arrived (without waiting: the wake-up may be spurious)
+    /// and parses as much of the head as that completes, until the socket is
+    /// empty. 1xx responses go on to the client.
     fn read_head(&mut self, client: &mut Downstream) -> Result<Option<(ResponseHead, BodyKind)>, Failure> {
         let Phase::Waiting(conn) = &mut self.phase else {
             unreachable!("read only while waiting")
         };
         let up = conn.conn();
-        match up.buf.read_from(&mut up.stream) {
-            Ok(0) => {
-                return Err(Failure {
-                    before_response: !self.received_any,
-                    ..Failure::new(502, "upstream closed the connection without a response")
-                })
-            }
-            Ok(_) => self.received_any = true,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(None),
-            Err(e) => return Err(Failure::upstream_io("read", &e, !self.received_any)),
-        }
         loop {
-            let Some((head, len)) = response::parse(up.buf.filled(), self.max_head).map_err(|e| Failure::new(502, e.reason))? else {
+            match up.buf.read_ready(&up.stream) {
+                Ok(0) => {
+                    return Err(Failure {
+                        before_response: !self.received_any,
+                        ..Failure::new(502, "upstream closed the connection without a response")
+                    })
+                }
+                Ok(_) => self.received_any = true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Failure::upstream_io("read", &e, !self.received_any)),
+            }
+            while let Some((head, len)) = response::parse(up.buf.filled(), self.max_head).map_err(|e| Failure::new(502, e.reason))? {
+                up.buf.consume(len);
+                if head.status == 101 {
+                    return Err(Failure::new(502, "upstream switched protocols unasked"));
+                }
+                if !head.is_informational() {
+                    let kind = response::body_kind(&head, self.head_request).map_err(|e| Failure::new(502, e.reason))?;
+                    return Ok(Some((head, kind)));
+                }
+                let mut interim = head;
+                strip_hop_by_hop(&mut interim.headers);
+                client
+                    .send_interim(&interim)
+                    .map_err(|e| Failure::new(502, format!("client write failed: {e}")))?;
+            }
+            // Edge-triggered: only bytes still to come will be reported.
+            if up.buf.drained() {
                 return Ok(None);
-            };
-            up.buf.consume(len);
-            if head.status == 101 {
-                return Err(Failure::new(502, "upstream switched protocols unasked"));
             }
-            if !head.is_informational() {
-                let kind = response::body_kind(&head, self.head_request).map_err(|e| Failure::new(502, e.reason))?;
-                return Ok(Some((head, kind)));
-            }
-            let mut interim = head;
-            strip_hop_by_hop(&mut interim.headers);
-            client
-                .send_interim(&interim)
-                .map_err(|e| Failure::new(502, format!("client write failed: {e}")))?;
         }
     }
 

@@ -65,17 +65,18 @@ pub enum Flow {
 }
 
 /// A response still on its way, or a go-ahead awaited. The server parks the
-/// exchange until `fd` is readable, calls `poll`, and repeats until it
-/// resumes; if no progress comes within `timeout` it calls `timed_out`.
-/// Resuming with [`Resumed::Continue`] runs the request phase on from the
-/// next stage, as if the awaiting stage had returned [`Flow::Continue`].
+/// exchange until what it waits on is readable, calls `poll`, and repeats
+/// until it resumes; if no progress comes within `timeout` it calls
+/// `timed_out`. Resuming with [`Resumed::Continue`] runs the request phase on
+/// from the next stage, as if the awaiting stage had returned [`Flow::Continue`].
 pub trait PendingResponse: Send {
-    /// The socket (or [`Signal`]) whose readability means progress.
-    fn fd(&self) -> RawFd;
+    /// The socket (or [`Signal`], [`Timer`]) whose readability means progress.
+    fn wait_on(&self) -> WaitOn;
     /// Longest wait for the next progress.
     fn timeout(&self) -> Duration;
-    /// Called when `fd` is readable, so a single read never blocks.
-    /// `None`: not done yet; wait again.
+    /// Called when what it waits on has been reported readable. A pooled
+    /// connection can be reported spuriously, so read it without waiting
+    /// (`ReadBuf::read_ready`). `None`: not done yet; wait again.
     fn poll(
         &mut self,
         req: &Request,
@@ -84,6 +85,17 @@ pub trait PendingResponse: Send {
     ) -> Option<Resumed>;
     /// What to do when the wait ran past `timeout`.
     fn timed_out(self: Box<Self>, req: &Request, ctx: &mut Context) -> Resumed;
+}
+
+/// What a pending response waits to become readable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitOn {
+    /// A connection from the pool. The server watches those for their whole
+    /// life (edge-triggered), so a wait costs no system call; in exchange an
+    /// event that came before the wait wakes it at once, data or not.
+    Pooled(RawFd),
+    /// Any other descriptor (a [`Signal`], a [`Timer`]): watched for this wait.
+    Fd(RawFd),
 }
 
 pub enum Resumed {

@@ -8,9 +8,9 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, RwLock};
@@ -20,11 +20,16 @@ use crate::http::ReadBuf;
 
 pub struct Pool {
     hosts: RwLock<HashMap<SocketAddr, Arc<Host>>>,
+    /// Called with every connection the pool opens, before it is used: the
+    /// server registers it with its event loop for the connection's life.
+    on_open: OnceLock<OnOpen>,
     limits: PoolLimits,
     hits: AtomicU64,
     misses: AtomicU64,
     evictions: AtomicU64,
 }
+
+type OnOpen = Box<dyn Fn(RawFd) -> io::Result<()> + Send + Sync>;
 
 #[derive(Debug, Clone, Copy)]
 pub struct PoolLimits {
@@ -99,11 +104,19 @@ impl Pool {
     pub fn new(limits: PoolLimits) -> Arc<Pool> {
         Arc::new(Pool {
             hosts: RwLock::new(HashMap::new()),
+            on_open: OnceLock::new(),
             limits,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
         })
+    }
+
+    /// Has `watch` called with each connection opened from now on (once per pool).
+    pub fn watch_opened(&self, watch: impl Fn(RawFd) -> io::Result<()> + Send + Sync + 'static) {
+        if self.on_open.set(Box::new(watch)).is_err() {
+            log::error!("the pool's connections are already watched");
+        }
     }
 
     pub fn limits(&self) -> &PoolLimits {
@@ -209,6 +222,9 @@ impl Pool {
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(self.limits.read_timeout))?;
         stream.set_write_timeout(Some(self.limits.write_timeout))?;
+        if let Some(watch) = self.on_open.get() {
+            watch(stream.as_raw_fd())?;
+        }
         Ok(Upstream {
             stream,
             buf: ReadBuf::default(),

@@ -152,6 +152,63 @@ fn pipelined_requests_are_answered_in_order() {
 }
 
 #[test]
+fn a_pipeline_longer_than_one_read_is_answered_whole() {
+    // About 100 KiB of requests in one write: more than one read takes, so
+    // the rest waits in the socket with no new bytes to announce it.
+    let backend = Backend::start(|req| response(200, &[], req.target.as_bytes()));
+    let proxy = Proxy::start(backend.addr);
+    let mut client = Client::connect(proxy.addr);
+    let pipeline: String = (0..3000)
+        .map(|i| format!("GET /{i} HTTP/1.1\r\nHost: a\r\n\r\n"))
+        .collect();
+    // Written beside the reading, so neither side's buffers fill and stall the other.
+    let mut writer = client.stream.try_clone().unwrap();
+    let writing = std::thread::spawn(move || writer.write_all(pipeline.as_bytes()).unwrap());
+    for i in 0..3000 {
+        assert_eq!(client.response().text(), format!("/{i}"));
+    }
+    writing.join().unwrap();
+}
+
+#[test]
+fn a_request_sent_while_the_previous_waits_for_its_upstream_is_answered() {
+    // The second request arrives while its connection is busy: its one
+    // readiness event must not be lost.
+    let backend = Backend::start(|req| {
+        if req.target == "/slow" {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        response(200, &[], req.target.as_bytes())
+    });
+    let proxy = Proxy::start(backend.addr);
+    let mut client = Client::connect(proxy.addr);
+    client.send("GET /slow HTTP/1.1\r\nHost: a\r\n\r\n");
+    std::thread::sleep(Duration::from_millis(100));
+    client.send("GET /next HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(client.response().text(), "/slow");
+    assert_eq!(client.response().text(), "/next");
+}
+
+#[test]
+fn an_upstream_head_that_arrives_in_pieces_is_awaited_whole() {
+    let backend = Backend::raw(|mut stream| {
+        let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+        while read_request(&mut reader).is_some() {
+            for piece in ["HTTP/1.1 200 OK\r\nContent-Le", "ngth: 2\r\n\r", "\nok"] {
+                stream.write_all(piece.as_bytes()).unwrap();
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    });
+    let proxy = Proxy::start(backend.addr);
+    let mut client = Client::connect(proxy.addr);
+    for _ in 0..2 {
+        client.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(client.response().text(), "ok");
+    }
+}
+
+#[test]
 fn http10_clients_get_keep_alive_only_when_asked() {
     let backend = Backend::ok("hi");
     let proxy = Proxy::start(backend.addr);

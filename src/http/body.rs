@@ -2,6 +2,8 @@
 //! bounded pieces so nothing ever holds a whole body.
 
 use std::io::{self, Read};
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
 
 use super::chunked::{ChunkError, ChunkedDecoder, Step};
 
@@ -22,6 +24,9 @@ pub struct ReadBuf {
     bytes: Vec<u8>,
     start: usize,
     end: usize,
+    /// The last read took all the socket had (it left room, or found
+    /// nothing): what arrives next will be announced by a new event.
+    drained: bool,
 }
 
 /// One read asks the kernel for this much.
@@ -67,9 +72,26 @@ impl ReadBuf {
                 self.bytes.resize(self.end + READ_SIZE, 0);
             }
         }
-        let n = src.read(&mut self.bytes[self.end..])?;
+        let room = self.bytes.len() - self.end;
+        let read = src.read(&mut self.bytes[self.end..]);
+        self.drained = match &read {
+            Ok(n) => *n < room,
+            Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+        };
+        let n = read?;
         self.end += n;
         Ok(n)
+    }
+
+    /// One read of what has already arrived on `stream`: `WouldBlock` rather
+    /// than waiting, for sockets that may be reported readable spuriously.
+    pub fn read_ready(&mut self, stream: &TcpStream) -> io::Result<usize> {
+        self.read_from(&mut Arrived(stream))
+    }
+
+    /// Whether the last read emptied the socket (see `drained`).
+    pub fn drained(&self) -> bool {
+        self.drained
     }
 
     /// Gives up the storage of an empty buffer, so idle connections cost
@@ -87,6 +109,27 @@ impl ReadBuf {
         } else if self.is_empty() {
             self.bytes = Vec::new();
         }
+    }
+}
+
+/// Reads a socket without waiting, whatever its blocking mode.
+struct Arrived<'s>(&'s TcpStream);
+
+impl Read for Arrived<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: receives into a valid buffer of `out.len()` bytes from a socket we hold.
+        let n = unsafe {
+            libc::recv(
+                self.0.as_raw_fd(),
+                out.as_mut_ptr().cast(),
+                out.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
     }
 }
 

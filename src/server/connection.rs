@@ -9,7 +9,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
@@ -18,15 +18,15 @@ use super::{OpenSlot, Shared};
 use crate::http::chunked::{encode_chunk_header, encode_last_chunk, CHUNK_END};
 use crate::http::{display_in, request, BodyKind, Framing, HttpError, ReadBuf, Request, Version};
 use crate::logging::AccessRecord;
-use crate::pipeline::{Body, Context, Handled, ModuleFailed, PendingResponse, Response, Resumed};
+use crate::pipeline::{
+    Body, Context, Handled, ModuleFailed, PendingResponse, Response, Resumed, WaitOn,
+};
 
 pub struct Conn {
     pub stream: TcpStream,
     pub peer: SocketAddr,
     pub buf: ReadBuf,
     pub token: u64,
-    /// Already in the epoll set (re-arm rather than add).
-    pub registered: bool,
     /// Set while a request head is arriving: past it the client gets 408.
     pub head_deadline: Option<Instant>,
     /// Its place within `max_connections`; `None` when accepted beyond it,
@@ -79,8 +79,8 @@ impl Suspended {
         })
     }
 
-    pub fn fd(&self) -> RawFd {
-        self.pending.fd()
+    pub fn wait_on(&self) -> WaitOn {
+        self.pending.wait_on()
     }
 }
 
@@ -93,9 +93,10 @@ pub enum Next {
     Close,
 }
 
-/// Serves a connection that epoll reported readable.
+/// Serves a connection that epoll reported readable (perhaps spuriously:
+/// the read does not wait).
 pub fn serve(mut conn: Conn, shared: &Shared) -> Next {
-    match conn.buf.read_from(&mut conn.stream) {
+    match conn.buf.read_ready(&conn.stream) {
         Ok(0) => Next::Close,
         Ok(_) => drive(conn, shared),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => park(conn, shared),

@@ -60,7 +60,7 @@ pub struct Shared {
     /// Connections a worker is serving right now.
     busy: AtomicUsize,
     workers: Workers,
-    reactor: Reactor,
+    reactor: Arc<Reactor>,
     parked: Parked,
     listener: TcpListener,
     pool: Arc<Pool>,
@@ -79,6 +79,10 @@ impl Server {
     /// (script modules, plugins), binds the listener and starts the workers.
     pub fn start(config: &Config, extra: Vec<Stage>) -> Result<Server, Box<dyn std::error::Error>> {
         let pool = Pool::new(PoolLimits::from_config(config));
+        let reactor = Arc::new(Reactor::new()?);
+        // Upstream connections are watched for life, from when the pool opens them.
+        let watcher = reactor.clone();
+        pool.watch_opened(move |fd| watcher.add_edge(fd, parked::upstream_token(fd)));
         let upstreams = Upstreams::from_config(config)?;
         let services = Services::default();
         let mut stages = modules::build_all(
@@ -101,7 +105,6 @@ impl Server {
         // SAFETY: listen(2) on a socket we own.
         unsafe { libc::listen(listener.as_raw_fd(), 4096) };
         let local_addr = listener.local_addr()?;
-        let reactor = Reactor::new()?;
         reactor.add(listener.as_raw_fd(), LISTENER)?;
 
         let s = &config.server;
@@ -287,33 +290,53 @@ fn on_event(shared: &Shared, token: u64) {
         accept_pending(shared);
         return;
     }
-    let Some(waiting) = shared.parked.take(token) else {
-        return; // expired or drained between the event and now
+    let Some(mut waiting) = shared.parked.take(token) else {
+        return; // expired, drained, or busy (then marked) between the event and now
     };
     shared.busy.fetch_add(1, Relaxed);
-    let next = catch_unwind(AssertUnwindSafe(|| match waiting {
-        Waiting::Client(conn) => connection::serve(conn, shared),
-        Waiting::Upstream(conn, suspended) => connection::resume(conn, suspended, shared),
-        Waiting::TimedOut(conn, suspended, _signal) => {
-            connection::time_out(conn, suspended, shared)
+    loop {
+        let client = waiting.client_token();
+        let next = catch_unwind(AssertUnwindSafe(|| match waiting {
+            Waiting::Client(conn) => connection::serve(conn, shared),
+            Waiting::Upstream(conn, suspended) => connection::resume(conn, suspended, shared),
+            Waiting::TimedOut(conn, suspended, _signal) => {
+                connection::time_out(conn, suspended, shared)
+            }
+        }));
+        let again = match next {
+            Ok(next) => settle(shared, client, next),
+            Err(_) => {
+                log::error!("a connection handler panicked; connection closed, worker continues");
+                shared.parked.close(client);
+                None
+            }
+        };
+        match again {
+            Some(more) => waiting = more,
+            None => break,
         }
-    }));
-    match next {
-        Ok(next) => settle(shared, next),
-        Err(_) => log::error!("a connection handler panicked; connection closed, worker continues"),
     }
     shared.busy.fetch_sub(1, Relaxed);
 }
 
-/// Puts a served connection where its `Next` says.
-fn settle(shared: &Shared, next: Next) {
+/// Puts a served connection where its `Next` says. Returns it instead when
+/// it has more to do at once: bytes may be left in its socket, or an event
+/// came for it while it was busy (edge-triggered sockets report it once).
+fn settle(shared: &Shared, client: u64, next: Next) -> Option<Waiting> {
     match next {
+        Next::Park(conn, _) if !conn.buf.drained() => Some(Waiting::Client(conn)),
         Next::Park(conn, deadline) if !shared.shutting_down.load(Relaxed) => {
-            shared.parked.park(conn, deadline, &shared.reactor)
+            shared.parked.park(conn, deadline).map(Waiting::Client)
         }
         // In flight: finishes even during shutdown.
-        Next::Suspend(conn, suspended) => shared.parked.suspend(conn, suspended, &shared.reactor),
-        Next::Park(..) | Next::Close => {}
+        Next::Suspend(conn, suspended) => shared
+            .parked
+            .suspend(conn, suspended, &shared.reactor)
+            .map(|(conn, suspended)| Waiting::Upstream(conn, suspended)),
+        Next::Park(..) | Next::Close => {
+            shared.parked.close(client);
+            None
+        }
     }
 }
 
@@ -352,16 +375,12 @@ fn admit(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> io::Result<()>
         peer,
         buf: Default::default(),
         token: shared.parked.new_token(),
-        registered: false,
         head_deadline: None,
         slot,
     };
     // A new connection may stay silent for header_timeout.
-    shared.parked.park(
-        conn,
-        Instant::now() + shared.header_timeout,
-        &shared.reactor,
-    );
+    let deadline = Instant::now() + shared.header_timeout;
+    shared.parked.admit(conn, deadline, &shared.reactor);
     Ok(())
 }
 

@@ -3,9 +3,15 @@
 //! exchanges waiting for their upstream. Each lives here, keyed by the token
 //! its epoll registration carries, until a worker takes it on that event or
 //! its deadline passes.
+//!
+//! Client sockets and pooled upstream connections are registered
+//! edge-triggered once, for their whole life, so no wait costs a system call
+//! to re-arm. An edge is reported once: an event that finds its socket busy
+//! (being served, or a pooled connection between waits) is kept as a mark in
+//! its slot, and whoever parks that socket next serves it again instead.
 
 use std::collections::HashMap;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Instant;
 
@@ -13,10 +19,19 @@ use parking_lot::Mutex;
 
 use super::connection::{Conn, Suspended};
 use super::reactor::Reactor;
-use crate::pipeline::Signal;
+use crate::pipeline::{Signal, WaitOn};
 
 /// Sharded so workers parking and taking different connections rarely meet on one lock.
 const SHARDS: usize = 16;
+
+/// Tokens of pooled upstream connections: this bit and the descriptor, so a
+/// connection keeps its token from pool to pool-mate without any bookkeeping.
+const UPSTREAM: u64 = 1 << 63;
+
+/// The token a pooled upstream connection is registered with.
+pub fn upstream_token(fd: RawFd) -> u64 {
+    UPSTREAM | fd as u64
+}
 
 pub enum Waiting {
     /// For the client's next bytes.
@@ -29,13 +44,29 @@ pub enum Waiting {
     TimedOut(Conn, Box<Suspended>, Signal),
 }
 
-struct Entry {
-    waiting: Waiting,
-    deadline: Instant,
+impl Waiting {
+    /// The client connection's token, whatever it waits for.
+    pub fn client_token(&self) -> u64 {
+        match self {
+            Waiting::Client(conn) | Waiting::Upstream(conn, _) | Waiting::TimedOut(conn, _, _) => {
+                conn.token
+            }
+        }
+    }
+}
+
+/// What a token stands for now.
+enum Slot {
+    /// Waiting for its event until the deadline.
+    Parked(Waiting, Instant),
+    /// Not waiting: a client connection a worker is serving (or whose
+    /// exchange waits on an upstream), or a pooled upstream connection
+    /// between waits. `true` once an event came meanwhile.
+    Busy(bool),
 }
 
 pub struct Parked {
-    shards: [Mutex<HashMap<u64, Entry>>; SHARDS],
+    shards: [Mutex<HashMap<u64, Slot>>; SHARDS],
     next_token: AtomicU64,
     /// Exchanges in flight while suspended: shutdown waits for them.
     suspended: AtomicUsize,
@@ -55,48 +86,76 @@ impl Parked {
         self.next_token.fetch_add(1, Relaxed)
     }
 
-    fn shard(&self, token: u64) -> &Mutex<HashMap<u64, Entry>> {
+    fn shard(&self, token: u64) -> &Mutex<HashMap<u64, Slot>> {
         &self.shards[token as usize % SHARDS]
     }
 
-    /// Stores `entry` and only then arms its event, so the event can never
-    /// find it missing. If arming fails the entry is dropped (closed).
-    fn insert(&self, token: u64, entry: Entry, arm: impl FnOnce() -> std::io::Result<()>) {
-        self.shard(token).lock().insert(token, entry);
-        if let Err(e) = arm() {
-            log::error!("cannot watch a socket: {e}");
-            self.take(token);
+    /// Parks a newly accepted connection and registers its socket for life.
+    /// Stored first, so its first event can never find it missing.
+    pub fn admit(&self, conn: Conn, deadline: Instant, reactor: &Reactor) {
+        let token = conn.token;
+        let fd = conn.stream.as_raw_fd();
+        self.store(token, Slot::Parked(Waiting::Client(conn), deadline));
+        if let Err(e) = reactor.add_edge(fd, token) {
+            log::error!("cannot watch a client socket: {e}");
+            self.close(token);
         }
     }
 
-    /// Waits for the client's next bytes until `deadline`.
-    pub fn park(&self, mut conn: Conn, deadline: Instant, reactor: &Reactor) {
-        let token = conn.token;
-        let fd = conn.stream.as_raw_fd();
-        let first_time = !std::mem::replace(&mut conn.registered, true);
-        let entry = Entry {
-            waiting: Waiting::Client(conn),
-            deadline,
-        };
-        self.insert(token, entry, || {
-            if first_time {
-                reactor.add(fd, token)
-            } else {
-                reactor.rearm(fd, token)
-            }
-        });
+    /// Waits for the client's next bytes until `deadline`. Gives the
+    /// connection back if an event came while it was busy: serve it again.
+    pub fn park(&self, conn: Conn, deadline: Instant) -> Option<Conn> {
+        let mut shard = self.shard(conn.token).lock();
+        if let Some(Slot::Busy(notified @ true)) = shard.get_mut(&conn.token) {
+            *notified = false;
+            return Some(conn);
+        }
+        shard.insert(conn.token, Slot::Parked(Waiting::Client(conn), deadline));
+        None
     }
 
-    /// Waits for the upstream's response; the client stays unwatched meanwhile.
-    pub fn suspend(&self, conn: Conn, suspended: Box<Suspended>, reactor: &Reactor) {
-        let token = self.new_token();
-        let fd = suspended.fd();
-        let entry = Entry {
-            deadline: suspended.deadline,
-            waiting: Waiting::Upstream(conn, suspended),
-        };
-        self.suspended.fetch_add(1, Relaxed);
-        self.insert(token, entry, || reactor.watch(fd, token));
+    /// Forgets a client connection that is closing.
+    pub fn close(&self, token: u64) {
+        self.shard(token).lock().remove(&token);
+    }
+
+    /// Waits for the upstream's response; the client stays busy meanwhile.
+    /// Gives the exchange back if its pooled connection already had an event.
+    pub fn suspend(
+        &self,
+        conn: Conn,
+        suspended: Box<Suspended>,
+        reactor: &Reactor,
+    ) -> Option<(Conn, Box<Suspended>)> {
+        let deadline = suspended.deadline;
+        match suspended.wait_on() {
+            WaitOn::Pooled(fd) => {
+                let token = upstream_token(fd);
+                let mut shard = self.shard(token).lock();
+                if let Some(Slot::Busy(_)) = shard.get(&token) {
+                    shard.remove(&token);
+                    return Some((conn, suspended));
+                }
+                self.suspended.fetch_add(1, Relaxed);
+                shard.insert(
+                    token,
+                    Slot::Parked(Waiting::Upstream(conn, suspended), deadline),
+                );
+            }
+            WaitOn::Fd(fd) => {
+                let token = self.new_token();
+                self.suspended.fetch_add(1, Relaxed);
+                self.store(
+                    token,
+                    Slot::Parked(Waiting::Upstream(conn, suspended), deadline),
+                );
+                if let Err(e) = reactor.watch(fd, token) {
+                    log::error!("cannot watch a socket: {e}");
+                    self.abandon(token);
+                }
+            }
+        }
+        None
     }
 
     /// Hands an upstream wait whose deadline passed over to the workers.
@@ -108,70 +167,94 @@ impl Parked {
                     "{}: cannot time out a wait ({e}); connection closed",
                     conn.peer
                 );
+                self.close(conn.token);
                 return;
             }
         };
         signal.notify();
         let token = self.new_token();
         let fd = signal.fd();
-        let entry = Entry {
-            deadline: Instant::now(),
-            waiting: Waiting::TimedOut(conn, suspended, signal),
-        };
         self.suspended.fetch_add(1, Relaxed);
-        self.insert(token, entry, || reactor.add(fd, token));
+        let timed_out = Waiting::TimedOut(conn, suspended, signal);
+        self.store(token, Slot::Parked(timed_out, Instant::now()));
+        if let Err(e) = reactor.add(fd, token) {
+            log::error!("cannot watch a socket: {e}");
+            self.abandon(token);
+        }
     }
 
-    /// What waited behind an event; `None` if it expired meanwhile.
+    /// Drops an exchange that could not be watched, closing its client.
+    fn abandon(&self, token: u64) {
+        if let Some(waiting) = self.take(token) {
+            self.close(waiting.client_token());
+        }
+    }
+
+    fn store(&self, token: u64, slot: Slot) {
+        self.shard(token).lock().insert(token, slot);
+    }
+
+    /// What waited behind an event; `None` if nothing did (it expired, or
+    /// its socket is busy: then the event is marked for whoever has it).
     pub fn take(&self, token: u64) -> Option<Waiting> {
-        let entry = self.shard(token).lock().remove(&token)?;
-        Some(self.leaving(entry))
+        let mut shard = self.shard(token).lock();
+        let slot = match shard.get_mut(&token) {
+            Some(Slot::Busy(notified)) => {
+                *notified = true;
+                return None;
+            }
+            // A pooled connection between waits: its next wait looks first.
+            None if token & UPSTREAM != 0 => {
+                shard.insert(token, Slot::Busy(true));
+                return None;
+            }
+            None => return None,
+            Some(slot) => slot,
+        };
+        // A client connection stays known while it is served; an upstream
+        // wait's token is done with.
+        let waiting = match slot {
+            Slot::Parked(Waiting::Client(_), _) => std::mem::replace(slot, Slot::Busy(false)),
+            _ => shard.remove(&token)?,
+        };
+        let Slot::Parked(waiting, _) = waiting else {
+            unreachable!("busy slots returned above")
+        };
+        Some(self.leaving(waiting))
     }
 
-    fn leaving(&self, entry: Entry) -> Waiting {
-        if matches!(entry.waiting, Waiting::Upstream(..) | Waiting::TimedOut(..)) {
+    fn leaving(&self, waiting: Waiting) -> Waiting {
+        if matches!(waiting, Waiting::Upstream(..) | Waiting::TimedOut(..)) {
             self.suspended.fetch_sub(1, Relaxed);
         }
-        entry.waiting
+        waiting
     }
 
     /// Removes and returns every client or upstream wait whose deadline has
     /// passed (never a `TimedOut` hand-over: a worker takes those).
     pub fn expired(&self, now: Instant) -> Vec<Waiting> {
+        self.remove_where(|waiting, deadline| {
+            deadline <= now && !matches!(waiting, Waiting::TimedOut(..))
+        })
+    }
+
+    /// Removes and returns every connection waiting for its client (shutdown).
+    pub fn drain_clients(&self) -> Vec<Waiting> {
+        self.remove_where(|waiting, _| matches!(waiting, Waiting::Client(_)))
+    }
+
+    fn remove_where(&self, doomed: impl Fn(&Waiting, Instant) -> bool) -> Vec<Waiting> {
         let mut out = Vec::new();
         for shard in &self.shards {
             let mut map = shard.lock();
             let tokens: Vec<u64> = map
                 .iter()
-                .filter(|(_, e)| e.deadline <= now && !matches!(e.waiting, Waiting::TimedOut(..)))
+                .filter(|(_, slot)| matches!(slot, Slot::Parked(w, d) if doomed(w, *d)))
                 .map(|(t, _)| *t)
                 .collect();
             for token in tokens {
-                if let Some(entry) = map.remove(&token) {
-                    out.push(self.leaving(entry));
-                }
-            }
-        }
-        out
-    }
-
-    /// Removes and returns every connection waiting for its client (shutdown).
-    pub fn drain_clients(&self) -> Vec<Conn> {
-        let mut out = Vec::new();
-        for shard in &self.shards {
-            let mut map = shard.lock();
-            let idle: Vec<u64> = map
-                .iter()
-                .filter(|(_, e)| matches!(e.waiting, Waiting::Client(_)))
-                .map(|(t, _)| *t)
-                .collect();
-            for token in idle {
-                if let Some(Entry {
-                    waiting: Waiting::Client(conn),
-                    ..
-                }) = map.remove(&token)
-                {
-                    out.push(conn);
+                if let Some(Slot::Parked(waiting, _)) = map.remove(&token) {
+                    out.push(self.leaving(waiting));
                 }
             }
         }

@@ -1,12 +1,16 @@
 //! One epoll set shared by every worker.
 //!
-//! Sockets are registered one-shot: an event goes to exactly one waiting
-//! worker and the socket stays silent until that worker re-arms it. So the
-//! thread that wakes is the thread that serves (no hand-off), and an idle
-//! keep-alive connection costs a registry entry, not a thread.
+//! An event goes to exactly one waiting worker, so the thread that wakes is
+//! the thread that serves (no hand-off), and an idle keep-alive connection
+//! costs a registry entry, not a thread. Client sockets and pooled upstream
+//! connections are registered edge-triggered for life (see `parked` for how
+//! an event for a busy socket is kept); the listener and one-off waits
+//! (signals, timers) are registered one-shot and re-armed.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+const ONE_SHOT: libc::c_int = libc::EPOLLIN | libc::EPOLLONESHOT;
 
 pub struct Reactor {
     epoll: OwnedFd,
@@ -27,12 +31,23 @@ impl Reactor {
 
     /// Watches `fd` for one readable event carrying `token`.
     pub fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_ADD, fd, token)
+        self.ctl(libc::EPOLL_CTL_ADD, fd, token, ONE_SHOT)
+    }
+
+    /// Watches `fd` for its whole life, edge-triggered: every arrival of
+    /// bytes reports `token` once, with no re-arming between waits.
+    pub fn add_edge(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        self.ctl(
+            libc::EPOLL_CTL_ADD,
+            fd,
+            token,
+            libc::EPOLLIN | libc::EPOLLET,
+        )
     }
 
     /// Re-arms a registered `fd` for its next readable event.
     pub fn rearm(&self, fd: RawFd, token: u64) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_MOD, fd, token)
+        self.ctl(libc::EPOLL_CTL_MOD, fd, token, ONE_SHOT)
     }
 
     /// Re-arms `fd`, or adds it if this set has not seen it yet (an upstream
@@ -60,9 +75,9 @@ impl Reactor {
         Ok(())
     }
 
-    fn ctl(&self, op: libc::c_int, fd: RawFd, token: u64) -> io::Result<()> {
+    fn ctl(&self, op: libc::c_int, fd: RawFd, token: u64, events: libc::c_int) -> io::Result<()> {
         let mut event = libc::epoll_event {
-            events: (libc::EPOLLIN | libc::EPOLLONESHOT) as u32,
+            events: events as u32,
             u64: token,
         };
         // SAFETY: event is a valid epoll_event for the duration of the call.
