@@ -335,14 +335,20 @@ run_wrk() {
     local url="http://127.0.0.1:${PORT[$name]}$path" out="$WORK/wrk-${scen// /_}-$name.txt"
     local args=(-t "$threads" -c "$conns" --latency)
     [[ -n $lua ]] && args+=(-s "$lua")
+    local ticks
     wrk "${args[@]}" -d "$WARMUP" "$url" >/dev/null
+    ticks=$(cpu_ticks_of "${PID[$name]}")
     wrk "${args[@]}" -d "$DURATION" "$url" >"$out"
+    ticks=$(( $(cpu_ticks_of "${PID[$name]}") - ticks ))
     kill -0 "${PID[$name]}" 2>/dev/null || { tail -n 30 "${LOG[$name]}" >&2; die "$name died during $scen"; }
     parse_wrk "$scen" "$name" "$out"
-    log "$(printf '%-14s %-10s %8s req/s  p50 %6s us  p99 %7s us  errors %s' "$scen" "$name" \
-        "${RES[$scen|$name|rps]}" "${RES[$scen|$name|p50]}" "${RES[$scen|$name|p99]}" "${RES[$scen|$name|err]}")"
+    RES[$scen|$name|cpu]=$(awk -v t="$ticks" -v hz="$CLK_TCK" -v n="$(awk '/ requests in / { print $1 }' "$out")" \
+        'BEGIN { if (n > 0) printf "%.1f", t * 1e6 / hz / n; else print "?" }')
+    log "$(printf '%-14s %-10s %8s req/s  p50 %6s us  p99 %7s us  cpu %5s us/req  errors %s' "$scen" "$name" \
+        "${RES[$scen|$name|rps]}" "${RES[$scen|$name|p50]}" "${RES[$scen|$name|p99]}" \
+        "${RES[$scen|$name|cpu]}" "${RES[$scen|$name|err]}")"
     local field
-    for field in rps p50 p99 err; do
+    for field in rps p50 p99 cpu err; do
         ALL[$scen|$name|$field]+=" ${RES[$scen|$name|$field]}"
     done
 }
@@ -371,6 +377,19 @@ check_hit() {
     WARN+=("$name did not answer GET $path from its cache: $(grep -iE '^(HTTP/|cache-status|x-varnish|age):?' <<<"$head" | paste -sd ' ')")
     log "WARNING: ${WARN[-1]}"
 }
+
+# CPU time (user + system, in clock ticks) of a process plus its direct
+# children so far. Per request it is steadier than req/s on a shared machine:
+# a server that gets less of the cores serves fewer requests, not cheaper ones.
+cpu_ticks_of() {
+    local total=0 p t
+    for p in "$1" $(pgrep -P "$1" || true); do
+        t=$(awk '{ print $14 + $15 }' "/proc/$p/stat" 2>/dev/null || echo 0)
+        total=$(( total + ${t:-0} ))
+    done
+    echo "$total"
+}
+CLK_TCK=$(getconf CLK_TCK)
 
 # Resident memory in KiB of a process plus its direct children (nginx workers,
 # the Varnish cache child).
@@ -447,8 +466,8 @@ median() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk '{ v[NR] = $1 } END { pr
 
 result_row() {
     local scen=$1 name=$2
-    printf '| %s | %s | %s | %s | %s | %s |\n' "$scen" "$name" "${RES[$scen|$name|rps]}" \
-        "${RES[$scen|$name|p50]}" "${RES[$scen|$name|p99]}" \
+    printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$scen" "$name" "${RES[$scen|$name|rps]}" \
+        "${RES[$scen|$name|p50]}" "${RES[$scen|$name|p99]}" "${RES[$scen|$name|cpu]}" \
         "${RES[$scen|$name|err]}${RES[$scen|$name|errdetail]:+ (${RES[$scen|$name|errdetail]%; })}"
 }
 
@@ -461,8 +480,10 @@ report() {
         echo "Every scenario ran $ROUNDS times, servers interleaved; each value is the median of those runs (errors: their sum)."
     fi
     echo
-    echo "| scenario | server | req/s | p50 (µs) | p99 (µs) | errors |"
-    echo "| --- | --- | ---: | ---: | ---: | ---: |"
+    echo "CPU = the server's own CPU time (user + system, all its processes) per request, in µs."
+    echo
+    echo "| scenario | server | req/s | p50 (µs) | p99 (µs) | CPU/req (µs) | errors |"
+    echo "| --- | --- | ---: | ---: | ---: | ---: | ---: |"
     for scen in "${SCENARIOS[@]}"; do
         for name in "${SERVERS[@]}"; do result_row "$scen" "$name"; done
     done
@@ -473,18 +494,19 @@ report() {
     echo "Proxycache against the other proxies (req/s ratio > 1 means Proxycache is faster;"
     echo "added p50 = proxy p50 minus backend-direct p50):"
     echo
-    echo "| scenario | req/s pc/nginx | req/s pc/haproxy | p99 pc (µs) | p99 best other (µs) | p99 pc ≤ best | added p50 pc / nginx / haproxy (µs) |"
-    echo "| --- | ---: | ---: | ---: | ---: | :---: | ---: |"
+    echo "| scenario | req/s pc/nginx | req/s pc/haproxy | p99 pc (µs) | p99 best other (µs) | p99 pc ≤ best | added p50 pc / nginx / haproxy (µs) | CPU/req pc / nginx / haproxy (µs) |"
+    echo "| --- | ---: | ---: | ---: | ---: | :---: | ---: | ---: |"
     for scen in "${SCENARIOS[@]}"; do
         pc=${RES[$scen|proxycache|p99]}
         best=$(min "${RES[$scen|nginx|p99]}" "${RES[$scen|haproxy|p99]}")
-        printf '| %s | %s | %s | %s | %s | %s | %s / %s / %s |\n' "$scen" \
+        printf '| %s | %s | %s | %s | %s | %s | %s / %s / %s | %s / %s / %s |\n' "$scen" \
             "$(ratio "${RES[$scen|proxycache|rps]}" "${RES[$scen|nginx|rps]}")" \
             "$(ratio "${RES[$scen|proxycache|rps]}" "${RES[$scen|haproxy|rps]}")" \
             "$pc" "$best" "$( (( pc <= best )) && echo yes || echo NO)" \
             "$(( ${RES[$scen|proxycache|p50]} - ${RES[$scen|backend|p50]} ))" \
             "$(( ${RES[$scen|nginx|p50]} - ${RES[$scen|backend|p50]} ))" \
-            "$(( ${RES[$scen|haproxy|p50]} - ${RES[$scen|backend|p50]} ))"
+            "$(( ${RES[$scen|haproxy|p50]} - ${RES[$scen|backend|p50]} ))" \
+            "${RES[$scen|proxycache|cpu]}" "${RES[$scen|nginx|cpu]}" "${RES[$scen|haproxy|cpu]}"
     done
     echo
     echo "Proxycache against Varnish on cache hits (target: req/s ≥ 1.2 × Varnish, p99 no worse):"

@@ -42,7 +42,8 @@ const WORKER_STACK: usize = 256 * 1024;
 const HOUSEKEEPING_TICK: Duration = Duration::from_millis(100);
 /// Events one worker takes per `epoll_wait`. One: a worker may block on a
 /// request body or a slow reader, and events it had taken with that one could
-/// not go to any other worker meanwhile (one-shot), so they would wait too.
+/// not go to any other worker meanwhile (each is reported once), so they
+/// would wait too.
 const EVENTS_PER_WAIT: usize = 1;
 
 /// What every worker shares.
