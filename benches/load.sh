@@ -378,29 +378,27 @@ check_hit() {
     log "WARNING: ${WARN[-1]}"
 }
 
-# CPU time (user + system, in clock ticks) of a process plus its direct
-# children so far. Per request it is steadier than req/s on a shared machine:
-# a server that gets less of the cores serves fewer requests, not cheaper ones.
-cpu_ticks_of() {
-    local total=0 p t
+# Sums what `$2 PID` prints over process $1 and its direct children (nginx
+# workers, the Varnish cache child); a process gone meanwhile counts 0.
+sum_over_tree() {
+    local total=0 p value
     for p in "$1" $(pgrep -P "$1" || true); do
-        t=$(awk '{ print $14 + $15 }' "/proc/$p/stat" 2>/dev/null || echo 0)
-        total=$(( total + ${t:-0} ))
+        value=$("$2" "$p" 2>/dev/null || echo 0)
+        total=$(( total + ${value:-0} ))
     done
     echo "$total"
 }
+
+# CPU time so far (user + system, in clock ticks). Per request it is steadier
+# than req/s on a shared machine: a server that gets less of the cores serves
+# fewer requests, not cheaper ones.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+cpu_ticks_of() { sum_over_tree "$1" cpu_ticks; }
 CLK_TCK=$(getconf CLK_TCK)
 
-# Resident memory in KiB of a process plus its direct children (nginx workers,
-# the Varnish cache child).
-rss_of() {
-    local total=0 p kb
-    for p in "$1" $(pgrep -P "$1" || true); do
-        kb=$(awk '/^VmRSS:/ { print $2 }' "/proc/$p/status" 2>/dev/null || echo 0)
-        total=$(( total + ${kb:-0} ))
-    done
-    echo "$total"
-}
+# Resident memory in KiB.
+rss() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
+rss_of() { sum_over_tree "$1" rss; }
 
 # Opens $IDLE_CONNS keep-alive connections to $1, sends one GET on each and
 # reads its response, then holds them open until told to close them.
