@@ -383,8 +383,10 @@ impl Forward {
     }
 
     /// Reads what has arrived (without waiting: the wake-up may be spurious)
-    /// and parses as much of the head as that completes, until the socket is
-    /// empty. 1xx responses go on to the client.
+    /// and parses as much of the head as that completes, until the socket
+    /// has nothing more (edge-triggered: only bytes still to come, or the
+    /// end, will be reported; an end already here is found by reading on).
+    /// 1xx responses go on to the client.
     fn read_head(&mut self, client: &mut Downstream) -> Result<Option<(ResponseHead, BodyKind)>, Failure> {
         let Phase::Waiting(conn) = &mut self.phase else {
             unreachable!("read only while waiting")
@@ -417,10 +419,6 @@ impl Forward {
                 client
                     .send_interim(&interim)
                     .map_err(|e| Failure::new(502, format!("client write failed: {e}")))?;
-            }
-            // Edge-triggered: only bytes still to come will be reported.
-            if up.buf.drained() {
-                return Ok(None);
             }
         }
     }

@@ -189,6 +189,56 @@ fn a_request_sent_while_the_previous_waits_for_its_upstream_is_answered() {
     assert_eq!(client.response().text(), "/next");
 }
 
+/// A proxy with one worker, which would hold a silent connection for 30 s,
+/// and that worker busy for a moment: a client's bytes and its FIN then both
+/// wait in the socket before any worker reads it. That is one readiness
+/// event, and a read that empties the socket without saying the end has come.
+fn proxy_reading_late(backend: &Backend) -> (Proxy, std::net::TcpStream) {
+    let proxy = Proxy::with(
+        backend.addr,
+        Conf {
+            server: "workers = 1\nheader_timeout = \"30s\"\nkeepalive_timeout = \"30s\"",
+            ..Conf::default()
+        },
+    );
+    // An upload that stops after two of its ten bytes holds the worker
+    // until housekeeping starts another, a tick or two later.
+    let mut stalled = std::net::TcpStream::connect(proxy.addr).unwrap();
+    stalled
+        .write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nab")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    (proxy, stalled)
+}
+
+#[test]
+fn a_client_that_hangs_up_after_part_of_a_head_is_let_go_at_once() {
+    let backend = Backend::ok("hi");
+    let (proxy, _stalled) = proxy_reading_late(&backend);
+    let mut client = Client::connect(proxy.addr);
+    client.send("GET / HTTP/1.1\r\nHost: a\r\n");
+    client.finish_writing();
+    let started = std::time::Instant::now();
+    assert!(client.is_closed());
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(3), "closed after {waited:?}");
+}
+
+#[test]
+fn a_pipeline_followed_by_a_hang_up_is_answered_then_closed() {
+    let backend = Backend::start(|req| response(200, &[], req.target.as_bytes()));
+    let (proxy, _stalled) = proxy_reading_late(&backend);
+    let mut client = Client::connect(proxy.addr);
+    client.send("GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n");
+    client.finish_writing();
+    let started = std::time::Instant::now();
+    assert_eq!(client.response().text(), "/1");
+    assert_eq!(client.response().text(), "/2");
+    assert!(client.is_closed());
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(3), "closed after {waited:?}");
+}
+
 #[test]
 fn an_upstream_head_that_arrives_in_pieces_is_awaited_whole() {
     let backend = Backend::raw(|mut stream| {

@@ -27,6 +27,8 @@ pub struct Conn {
     pub peer: SocketAddr,
     pub buf: ReadBuf,
     pub token: u64,
+    /// The client closed its side: what is buffered is all there will be.
+    pub hung_up: bool,
     /// Set while a request head is arriving: past it the client gets 408.
     pub head_deadline: Option<Instant>,
     /// Its place within `max_connections`; `None` when accepted beyond it,

@@ -33,7 +33,7 @@ use crate::pool::{Pool, PoolLimits};
 use crate::upstream::Upstreams;
 use connection::{Conn, Next};
 use parked::{Parked, Waiting};
-use reactor::Reactor;
+use reactor::{Reactor, Ready};
 
 /// The epoll token of the listening socket.
 const LISTENER: u64 = 0;
@@ -259,9 +259,9 @@ fn worker(shared: &Arc<Shared>, extra: bool) {
     shared.workers.stamps.lock().push(stamp.clone());
     loop {
         match shared.reactor.wait(&mut events, timeout) {
-            Ok(tokens) if tokens.len() > 0 => tokens.for_each(|token| {
+            Ok(ready) if ready.len() > 0 => ready.for_each(|ready| {
                 stamp.store(shared.workers.tick.load(Relaxed), Relaxed);
-                on_event(shared, token);
+                on_event(shared, ready);
                 stamp.store(0, Relaxed);
             }),
             Ok(_) => {
@@ -286,12 +286,12 @@ fn worker(shared: &Arc<Shared>, extra: bool) {
     }
 }
 
-fn on_event(shared: &Shared, token: u64) {
-    if token == LISTENER {
+fn on_event(shared: &Shared, ready: Ready) {
+    if ready.token == LISTENER {
         accept_pending(shared);
         return;
     }
-    let Some(mut waiting) = shared.parked.take(token) else {
+    let Some(mut waiting) = shared.parked.take(ready) else {
         return; // expired, drained, or busy (then marked) between the event and now
     };
     shared.busy.fetch_add(1, Relaxed);
@@ -321,11 +321,12 @@ fn on_event(shared: &Shared, token: u64) {
 }
 
 /// Puts a served connection where its `Next` says. Returns it instead when
-/// it has more to do at once: bytes may be left in its socket, or an event
-/// came for it while it was busy (edge-triggered sockets report it once).
+/// it has more to do at once: bytes (or the end) may be left in its socket,
+/// or an event came for it while it was busy (edge-triggered sockets report
+/// each once).
 fn settle(shared: &Shared, client: u64, next: Next) -> Option<Waiting> {
     match next {
-        Next::Park(conn, _) if !conn.buf.drained() => Some(Waiting::Client(conn)),
+        Next::Park(conn, _) if !conn.buf.drained() || conn.hung_up => Some(Waiting::Client(conn)),
         Next::Park(conn, deadline) if !shared.shutting_down.load(Relaxed) => {
             shared.parked.park(conn, deadline).map(Waiting::Client)
         }
@@ -376,6 +377,7 @@ fn admit(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> io::Result<()>
         peer,
         buf: Default::default(),
         token: shared.parked.new_token(),
+        hung_up: false,
         head_deadline: None,
         slot,
     };

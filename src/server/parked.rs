@@ -19,7 +19,7 @@ use std::time::Instant;
 use parking_lot::Mutex;
 
 use super::connection::{Conn, Suspended};
-use super::reactor::Reactor;
+use super::reactor::{Reactor, Ready};
 use crate::pipeline::{Signal, WaitOn};
 
 /// Sharded so workers parking and taking different connections rarely meet on one lock.
@@ -62,8 +62,17 @@ enum Slot {
     Parked(Waiting, Instant),
     /// Not waiting: a client connection a worker is serving (or whose
     /// exchange waits on an upstream), or a pooled upstream connection
-    /// between waits. `true` once an event came meanwhile.
-    Busy(bool),
+    /// between waits; with what came for it meanwhile.
+    Busy(Mark),
+}
+
+/// What came for a busy socket, kept for whoever parks it next.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Mark {
+    Nothing,
+    Event,
+    /// An event that said the peer closed its side.
+    HungUp,
 }
 
 /// Tokens are ours (a counter, or a tag and a descriptor), never a
@@ -129,11 +138,14 @@ impl Parked {
 
     /// Waits for the client's next bytes until `deadline`. Gives the
     /// connection back if an event came while it was busy: serve it again.
-    pub fn park(&self, conn: Conn, deadline: Instant) -> Option<Conn> {
+    pub fn park(&self, mut conn: Conn, deadline: Instant) -> Option<Conn> {
         let mut shard = self.shard(conn.token).lock();
-        if let Some(Slot::Busy(notified @ true)) = shard.get_mut(&conn.token) {
-            *notified = false;
-            return Some(conn);
+        if let Some(Slot::Busy(mark)) = shard.get_mut(&conn.token) {
+            if *mark != Mark::Nothing {
+                conn.hung_up |= *mark == Mark::HungUp;
+                *mark = Mark::Nothing;
+                return Some(conn);
+            }
         }
         shard.insert(conn.token, Slot::Parked(Waiting::Client(conn), deadline));
         None
@@ -210,8 +222,9 @@ impl Parked {
 
     /// Drops an exchange that could not be watched, closing its client.
     fn abandon(&self, token: u64) {
-        if let Some(waiting) = self.take(token) {
-            self.close(waiting.client_token());
+        let dropped = self.shard(token).lock().remove(&token);
+        if let Some(Slot::Parked(waiting, _)) = dropped {
+            self.close(self.leaving(waiting).client_token());
         }
     }
 
@@ -221,16 +234,23 @@ impl Parked {
 
     /// What waited behind an event; `None` if nothing did (it expired, or
     /// its socket is busy: then the event is marked for whoever has it).
-    pub fn take(&self, token: u64) -> Option<Waiting> {
+    pub fn take(&self, ready: Ready) -> Option<Waiting> {
+        let token = ready.token;
         let mut shard = self.shard(token).lock();
         let slot = match shard.get_mut(&token) {
-            Some(Slot::Busy(notified)) => {
-                *notified = true;
+            Some(Slot::Busy(mark)) => {
+                let came = if ready.hung_up {
+                    Mark::HungUp
+                } else {
+                    Mark::Event
+                };
+                *mark = (*mark).max(came);
                 return None;
             }
-            // A pooled connection between waits: its next wait looks first.
+            // A pooled connection between waits: its next wait looks first
+            // (and reads on to the end itself, so a hang-up needs no mark).
             None if token & UPSTREAM != 0 => {
-                shard.insert(token, Slot::Busy(true));
+                shard.insert(token, Slot::Busy(Mark::Event));
                 return None;
             }
             None => return None,
@@ -239,12 +259,17 @@ impl Parked {
         // A client connection stays known while it is served; an upstream
         // wait's token is done with.
         let waiting = match slot {
-            Slot::Parked(Waiting::Client(_), _) => std::mem::replace(slot, Slot::Busy(false)),
+            Slot::Parked(Waiting::Client(_), _) => {
+                std::mem::replace(slot, Slot::Busy(Mark::Nothing))
+            }
             _ => shard.remove(&token)?,
         };
-        let Slot::Parked(waiting, _) = waiting else {
+        let Slot::Parked(mut waiting, _) = waiting else {
             unreachable!("busy slots returned above")
         };
+        if let Waiting::Client(conn) = &mut waiting {
+            conn.hung_up |= ready.hung_up;
+        }
         Some(self.leaving(waiting))
     }
 

@@ -11,6 +11,17 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 const ONE_SHOT: libc::c_int = libc::EPOLLIN | libc::EPOLLONESHOT;
+const HUNG_UP: u32 = (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+
+/// A readiness event.
+#[derive(Debug, Clone, Copy)]
+pub struct Ready {
+    pub token: u64,
+    /// The peer has closed its side (or the socket failed): once what is
+    /// buffered has been read, reads return the end. Edge-triggered sockets
+    /// must know it, since a read that leaves nothing behind does not say so.
+    pub hung_up: bool,
+}
 
 pub struct Reactor {
     epoll: OwnedFd,
@@ -35,14 +46,11 @@ impl Reactor {
     }
 
     /// Watches `fd` for its whole life, edge-triggered: every arrival of
-    /// bytes reports `token` once, with no re-arming between waits.
+    /// bytes (or of the peer's FIN) reports `token` once, with no re-arming
+    /// between waits.
     pub fn add_edge(&self, fd: RawFd, token: u64) -> io::Result<()> {
-        self.ctl(
-            libc::EPOLL_CTL_ADD,
-            fd,
-            token,
-            libc::EPOLLIN | libc::EPOLLET,
-        )
+        let events = libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET;
+        self.ctl(libc::EPOLL_CTL_ADD, fd, token, events)
     }
 
     /// Re-arms a registered `fd` for its next readable event.
@@ -88,13 +96,14 @@ impl Reactor {
         Ok(())
     }
 
-    /// Blocks until registered sockets are readable and returns their tokens
-    /// (at most `events.len()`), or none once `timeout_ms` passes (-1: never).
+    /// Blocks until registered sockets are readable and returns what
+    /// happened to them (at most `events.len()`), or nothing once
+    /// `timeout_ms` passes (-1: never).
     pub fn wait<'e>(
         &self,
         events: &'e mut [libc::epoll_event],
         timeout_ms: i32,
-    ) -> io::Result<impl ExactSizeIterator<Item = u64> + 'e> {
+    ) -> io::Result<impl ExactSizeIterator<Item = Ready> + 'e> {
         loop {
             // SAFETY: `events` has room for `events.len()` entries.
             let n = unsafe {
@@ -106,7 +115,10 @@ impl Reactor {
                 )
             };
             if n >= 0 {
-                return Ok(events[..n as usize].iter().map(|e| e.u64));
+                return Ok(events[..n as usize].iter().map(|e| Ready {
+                    token: e.u64,
+                    hung_up: e.events & HUNG_UP != 0,
+                }));
             }
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted {
