@@ -199,6 +199,9 @@ fn a_worker_held_by_a_stalled_upload_is_replaced_while_the_others_keep_serving()
     while Instant::now() < until {
         assert_eq!(get(proxy.addr, "/").text(), "fine");
     }
-    assert_eq!(worker_threads(proxy.pid()), 3);
+    // Three, or more if a busy machine held a worker on an ordinary request
+    // over a tick too; the old rule kept two.
+    let workers = worker_threads(proxy.pid());
+    assert!(workers >= 3, "{workers} workers");
     drop(stalled);
 }
