@@ -145,7 +145,7 @@ fn stalled_uploads_beyond_the_worker_count_do_not_block_others() {
     // and 6 of them, the pool must grow so everyone else is still served.
     let backend = Backend::ok("fine");
     let proxy = two_worker_proxy(&backend);
-    let stalled: Vec<TcpStream> = (0..6).map(|_| stalled_upload(&proxy)).collect();
+    let stalled: Vec<TcpStream> = (0..6).map(|_| stalled_upload(proxy.addr)).collect();
     thread::sleep(Duration::from_millis(100));
     let started = Instant::now();
     for _ in 0..20 {
@@ -167,14 +167,6 @@ fn two_worker_proxy(backend: &Backend) -> Proxy {
     )
 }
 
-/// An upload that sends 2 of its 10 body bytes and stops: it holds a worker.
-fn stalled_upload(proxy: &Proxy) -> TcpStream {
-    let mut s = TcpStream::connect(proxy.addr).unwrap();
-    s.write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nab")
-        .unwrap();
-    s
-}
-
 /// Worker threads the proxy runs now.
 fn worker_threads(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -194,7 +186,7 @@ fn a_worker_held_by_a_stalled_upload_is_replaced_while_the_others_keep_serving()
     let backend = Backend::ok("fine");
     let proxy = two_worker_proxy(&backend);
     assert_eq!(worker_threads(proxy.pid()), 2);
-    let stalled = stalled_upload(&proxy);
+    let stalled = stalled_upload(proxy.addr);
     let until = Instant::now() + Duration::from_millis(600);
     while Instant::now() < until {
         assert_eq!(get(proxy.addr, "/").text(), "fine");

@@ -201,12 +201,8 @@ fn proxy_reading_late(backend: &Backend) -> (Proxy, std::net::TcpStream) {
             ..Conf::default()
         },
     );
-    // An upload that stops after two of its ten bytes holds the worker
-    // until housekeeping starts another, a tick or two later.
-    let mut stalled = std::net::TcpStream::connect(proxy.addr).unwrap();
-    stalled
-        .write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nab")
-        .unwrap();
+    // It holds the worker until housekeeping starts another, a tick or two later.
+    let stalled = stalled_upload(proxy.addr);
     std::thread::sleep(Duration::from_millis(20));
     (proxy, stalled)
 }
