@@ -4,7 +4,7 @@
 //! else (order, repeats, the raw target) passes unchanged.
 
 use std::io::{self, Write};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +20,7 @@ use crate::pipeline::{
 use crate::upstream::retry::retry_after;
 use crate::upstream::{Lease, Outcome};
 use crate::pool::{Pool, PoolError, Pooled};
+use crate::splice::SpliceError;
 
 /// Last: it answers every request that reaches it.
 pub const PRIORITY: i32 = 1000;
@@ -471,11 +472,21 @@ fn next_server(ctx: &mut Context, req: &Request) -> Option<SocketAddr> {
     Some(next)
 }
 
-/// Streams the request body upstream, re-framing chunked bodies.
-fn send_body(downstream: &mut Downstream, upstream: &mut impl Write) -> Result<(), Failure> {
+/// Streams the request body upstream, re-framing chunked bodies. Past the
+/// bytes already buffered, a fixed-length body is spliced.
+fn send_body(downstream: &mut Downstream, upstream: &mut TcpStream) -> Result<(), Failure> {
     let chunked = downstream.body_kind() == BodyKind::Chunked;
     let mut frame = Vec::new();
-    while let Some(data) = downstream.read_body().map_err(Failure::client)? {
+    loop {
+        match downstream.splice_body(upstream) {
+            Ok(false) => {}
+            Ok(true) => return Ok(()),
+            Err(SpliceError::From(e)) => return Err(Failure::client(e.into())),
+            Err(SpliceError::To(e)) => return Err(Failure::upstream_io("write", &e, false)),
+        }
+        let Some(data) = downstream.read_body().map_err(Failure::client)? else {
+            break;
+        };
         let written = if chunked {
             frame.clear();
             encode_chunk_header(&mut frame, data.len());

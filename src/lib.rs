@@ -16,4 +16,5 @@ pub mod modules;
 pub mod pipeline;
 pub mod pool;
 pub mod server;
+pub mod splice;
 pub mod upstream;

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::time::Duration;
 
@@ -73,6 +73,47 @@ fn socket_reset(stream: std::net::TcpStream) {
             std::mem::size_of::<libc::linger>() as u32,
         );
     }
+}
+
+#[test]
+fn upstream_closing_during_a_large_request_body_is_502() {
+    let backend = Backend::raw(|stream| {
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        let _ = reader.read_line(&mut line);
+        if line.starts_with("PUT") {
+            // The upload: its head and a little body, then a close with the rest unread.
+            let mut first = [0u8; 1000];
+            let _ = reader.read(&mut first);
+            return;
+        }
+        while line != "\r\n" {
+            line.clear();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+        }
+        let _ = reader.get_mut().write_all(&response(200, &[], b"fine"));
+    });
+    let mut proxy = Proxy::start(backend.addr);
+    let mut client = Client::connect(proxy.addr);
+    let size = 8 << 20;
+    client.send(format!(
+        "PUT /up HTTP/1.1\r\nHost: a\r\nContent-Length: {size}\r\n\r\n"
+    ));
+    let mut writer = client.stream.try_clone().unwrap();
+    let upload = std::thread::spawn(move || {
+        let block = vec![b'z'; 64 * 1024];
+        for _ in 0..size / block.len() {
+            if writer.write_all(&block).is_err() {
+                return;
+            }
+        }
+    });
+    assert_eq!(client.response().status, 502);
+    proxy.wait_for_log("upstream write");
+    upload.join().unwrap();
+    assert_eq!(get(proxy.addr, "/").text(), "fine");
 }
 
 #[test]

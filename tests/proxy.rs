@@ -335,6 +335,32 @@ fn expect_100_continue_is_answered_before_the_body_is_sent() {
 }
 
 #[test]
+fn a_large_body_arrives_whole_and_the_request_pipelined_after_it_too() {
+    // Past the piece read with the head, the body goes socket to socket by
+    // splice: exactly its length, in order, and not a byte of what follows.
+    let backend = Backend::start(|req| response(200, &[], req.body.len().to_string().as_bytes()));
+    let proxy = Proxy::start(backend.addr);
+    let body: Vec<u8> = (0..3_000_017u32).map(|i| (i * 7 % 251) as u8).collect();
+    let mut bytes = format!(
+        "POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    bytes.extend_from_slice(&body);
+    bytes.extend_from_slice(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n");
+    let mut client = Client::connect(proxy.addr);
+    for piece in bytes.chunks(100_003) {
+        client.stream.write_all(piece).unwrap();
+    }
+    assert_eq!(client.response().text(), body.len().to_string());
+    assert_eq!(client.response().text(), "0");
+    let seen = backend.recorded();
+    assert_eq!(seen.len(), 2);
+    assert!(seen[0].body == body, "the body upstream differs");
+    assert_eq!(seen[1].target, "/next");
+}
+
+#[test]
 fn chunked_bodies_stream_both_ways_with_trailers() {
     let backend = Backend::start(|req| {
         let mut out =

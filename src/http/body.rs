@@ -150,6 +150,16 @@ pub enum BodyError {
     TooLarge,
 }
 
+impl From<io::Error> for BodyError {
+    /// A read error; `UnexpectedEof` is the peer closing early.
+    fn from(e: io::Error) -> BodyError {
+        match e.kind() {
+            io::ErrorKind::UnexpectedEof => BodyError::Closed,
+            _ => BodyError::Io(e),
+        }
+    }
+}
+
 impl BodyError {
     pub fn is_timeout(&self) -> bool {
         matches!(self, BodyError::Io(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut))
@@ -213,6 +223,23 @@ impl BodyReader {
     /// Body bytes delivered so far.
     pub fn received(&self) -> u64 {
         self.received
+    }
+
+    /// What is left of a fixed-length body, for a caller that can move it
+    /// without reading it (see `bypassed`).
+    pub fn length_remaining(&self) -> Option<u64> {
+        match self.state {
+            State::Length { remaining } => Some(remaining),
+            _ => None,
+        }
+    }
+
+    /// Records that the rest of a fixed-length body went past the buffer.
+    pub fn bypassed(&mut self) {
+        if let State::Length { remaining } = self.state {
+            self.received += remaining;
+            self.state = State::Done;
+        }
     }
 
     /// Raw trailer lines of a chunked body (each ending in CRLF); empty otherwise.

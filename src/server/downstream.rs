@@ -5,6 +5,7 @@ use std::net::TcpStream;
 
 use crate::http::body::{BodyError, BodyReader};
 use crate::http::{BodyKind, Framing, ReadBuf, ResponseHead, Version};
+use crate::splice::{splice, SpliceError};
 
 pub struct Downstream<'c> {
     stream: &'c mut TcpStream,
@@ -44,10 +45,30 @@ impl<'c> Downstream<'c> {
 
     /// The next piece of request body, `None` at its end.
     pub fn read_body(&mut self) -> Result<Option<&[u8]>, BodyError> {
-        if std::mem::take(&mut self.continue_owed) && !self.body.is_done() {
-            self.stream.write_all(CONTINUE).map_err(BodyError::Io)?;
-        }
+        self.invite_body().map_err(BodyError::Io)?;
         self.body.next(self.stream, self.buf)
+    }
+
+    /// Moves the rest of a fixed-length body from the client socket straight
+    /// to `to`, once none of it is left in the buffer. `Ok(false)` when
+    /// that does not apply (buffered bytes, other framing): use `read_body`.
+    pub fn splice_body(&mut self, to: &TcpStream) -> Result<bool, SpliceError> {
+        match self.body.length_remaining() {
+            Some(left) if self.buf.is_empty() => {
+                self.invite_body().map_err(SpliceError::From)?;
+                splice(self.stream, to, left)?;
+                self.body.bypassed();
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    fn invite_body(&mut self) -> io::Result<()> {
+        if std::mem::take(&mut self.continue_owed) && !self.body.is_done() {
+            self.stream.write_all(CONTINUE)?;
+        }
+        Ok(())
     }
 
     /// True once the whole request body has been read (or there was none).
