@@ -156,13 +156,13 @@ impl ProxyCore {
     /// The head we send upstream. Changes `req` to what was forwarded.
     fn upstream_head(&self, req: &mut Request, body: BodyKind, client: SocketAddr) -> Vec<u8> {
         let headers = &mut req.headers;
-        strip_hop_by_hop(headers);
-        // We answer Expect ourselves, when the body is first read.
-        headers.remove("expect");
+        // We answer Expect ourselves, when the body is first read; the
+        // X-Forwarded fields below are ours to write.
+        strip_hop_by_hop(headers, &["expect", "x-forwarded-proto", "x-forwarded-host"]);
         let mut ip = [0u8; 64];
         headers.add_to_list("X-Forwarded-For", ip_in(&mut ip, client.ip()));
-        headers.set("X-Forwarded-Proto", "http");
-        headers.set_from("X-Forwarded-Host", "host");
+        headers.append("X-Forwarded-Proto", "http");
+        headers.append_copy("X-Forwarded-Host", "host");
         add_via(headers, req.version, &self.via);
         if body == BodyKind::Chunked {
             headers.append("Transfer-Encoding", "chunked");
@@ -416,7 +416,7 @@ impl Forward {
                     return Ok(Some((head, kind)));
                 }
                 let mut interim = head;
-                strip_hop_by_hop(&mut interim.headers);
+                strip_hop_by_hop(&mut interim.headers, &[]);
                 client
                     .send_interim(&interim)
                     .map_err(|e| Failure::new(502, format!("client write failed: {e}")))?;
@@ -430,7 +430,7 @@ impl Forward {
             unreachable!("a response comes only while waiting")
         };
         let reusable = head.keep_alive() && kind != BodyKind::UntilClose;
-        strip_hop_by_hop(&mut head.headers);
+        strip_hop_by_hop(&mut head.headers, &[]);
         add_via(&mut head.headers, head.version, &self.via);
         let body = match kind {
             BodyKind::Empty => {
@@ -512,7 +512,8 @@ fn send_body(downstream: &mut Downstream, upstream: &mut TcpStream) -> Result<()
 /// Fields meant for one connection only (RFC 9110 §7.6.1), never forwarded.
 const HOP_BY_HOP: [&str; 6] = ["connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade"];
 
-fn strip_hop_by_hop(headers: &mut Headers) {
+/// Drops the hop-by-hop fields, those the Connection field names, and `also`.
+fn strip_hop_by_hop(headers: &mut Headers, also: &[&str]) {
     // Only names beyond the usual "keep-alive" or "close" need remembering.
     let listed: Vec<Vec<u8>> = headers
         .list("connection")
@@ -522,7 +523,7 @@ fn strip_hop_by_hop(headers: &mut Headers) {
         .map(<[u8]>::to_ascii_lowercase)
         .collect();
     headers.retain(|name, _| {
-        !HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+        !HOP_BY_HOP.iter().chain(also).any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
             && !listed.iter().any(|l| name.eq_ignore_ascii_case(l))
     });
 }

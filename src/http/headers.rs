@@ -63,20 +63,12 @@ impl Headers {
         self.set(name, joined);
     }
 
-    /// Sets `to` to the value of the first `from` field, if there is one
-    /// (X-Forwarded-Host from Host), without copying it out first.
-    pub fn set_from(&mut self, to: &str, from: &str) {
-        let bytes = &self.bytes;
-        let Some(value) = self
-            .entries
-            .iter()
-            .find(|e| bytes[range(&e.name)].eq_ignore_ascii_case(from.as_bytes()))
-            .map(|e| range(&e.value))
-        else {
+    /// Appends a `to` field with the value of the first `from` field, if
+    /// there is one (X-Forwarded-Host from Host), without copying it out first.
+    pub fn append_copy(&mut self, to: &str, from: &str) {
+        let Some(value) = self.find(from).map(|e| range(&e.value)) else {
             return;
         };
-        // Removing leaves the bytes in place, so `value` stays valid.
-        self.remove(to);
         let name = self.push_bytes(to.as_bytes());
         let start = self.bytes.len() as u32;
         self.bytes.extend_from_within(value);
@@ -103,14 +95,17 @@ impl Headers {
 
     /// Removes every field of this name; true if there was one.
     pub fn remove(&mut self, name: &str) -> bool {
-        // Usually absent: a quick look costs less than rewriting the list.
-        if !self.contains(name) {
-            return false;
-        }
+        self.remove_each(&[name])
+    }
+
+    /// Removes every field with one of these names, in one pass; true if
+    /// there was one.
+    pub fn remove_each(&mut self, names: &[&str]) -> bool {
+        let before = self.entries.len();
         let bytes = &self.bytes;
         self.entries
-            .retain(|e| !bytes[range(&e.name)].eq_ignore_ascii_case(name.as_bytes()));
-        true
+            .retain(|e| !names.iter().any(|n| name_is(&bytes[range(&e.name)], n)));
+        self.entries.len() != before
     }
 
     /// Keeps only the fields for which `keep(name, value)` is true.
@@ -133,15 +128,16 @@ impl Headers {
         &'a self,
         name: &'n str,
     ) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n> {
-        let name = name.as_bytes();
-        // Lengths first: most fields are ruled out without touching their bytes.
         self.entries
             .iter()
-            .filter(move |e| {
-                (e.name.end - e.name.start) as usize == name.len()
-                    && self.bytes[range(&e.name)].eq_ignore_ascii_case(name)
-            })
+            .filter(move |e| name_is(&self.bytes[range(&e.name)], name))
             .map(|e| &self.bytes[range(&e.value)])
+    }
+
+    fn find(&self, name: &str) -> Option<&Entry> {
+        self.entries
+            .iter()
+            .find(|e| name_is(&self.bytes[range(&e.name)], name))
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -198,6 +194,12 @@ impl std::fmt::Debug for Headers {
     }
 }
 
+/// Field names compare case-insensitively; lengths first, since most fields
+/// are ruled out without touching their bytes.
+fn name_is(field: &[u8], name: &str) -> bool {
+    field.len() == name.len() && field.eq_ignore_ascii_case(name.as_bytes())
+}
+
 fn range(r: &Range<u32>) -> Range<usize> {
     r.start as usize..r.end as usize
 }
@@ -226,16 +228,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn set_from_copies_a_value_under_another_name() {
+    fn append_copy_copies_a_value_under_another_name() {
         let mut h = Headers::new();
         h.append("Host", "example.com");
-        h.append("X-Forwarded-Host", "old");
-        h.set_from("X-Forwarded-Host", "host");
+        h.append("host", "second");
+        h.append_copy("X-Forwarded-Host", "host");
         assert_eq!(
             h.get_all("x-forwarded-host").collect::<Vec<_>>(),
             [&b"example.com"[..]]
         );
-        h.set_from("X-Missing", "no-such-field");
+        h.append_copy("X-Missing", "no-such-field");
         assert!(!h.contains("x-missing"));
     }
 
@@ -277,6 +279,11 @@ mod tests {
         h.append_joined("X-Joined", &[b"a", b"", b"bc"]);
         assert_eq!(h.get("x-joined"), Some(&b"abc"[..]));
         h.remove("x-joined");
+        h.append("TE", "trailers");
+        h.append("Keep-Alive", "timeout=5");
+        assert!(h.remove_each(&["keep-alive", "te", "absent"]));
+        assert!(!h.remove_each(&["keep-alive", "te"]));
+        assert_eq!(h.len(), 2);
         h.set("Connection", "close");
         assert_eq!(h.len(), 1);
         assert!(h.remove("CONNECTION"));

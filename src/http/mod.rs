@@ -168,6 +168,20 @@ pub fn ip_in(buf: &mut [u8; 64], ip: std::net::IpAddr) -> &[u8] {
     &buf[..n]
 }
 
+/// `n` in decimal, in `buf`: a Content-Length on every response, so written
+/// digit by digit rather than through `fmt`.
+pub fn decimal_in(buf: &mut [u8; 20], mut n: u64) -> &[u8] {
+    let mut start = buf.len();
+    loop {
+        start -= 1;
+        buf[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[start..];
+        }
+    }
+}
+
 /// `value` formatted into `buf` without allocating (numbers and addresses
 /// in header values); cut short if `buf` is too small.
 pub fn display_in(buf: &mut [u8], value: impl std::fmt::Display) -> &[u8] {
@@ -195,6 +209,13 @@ mod tests {
         ] {
             let addr: std::net::IpAddr = ip.parse().unwrap();
             assert_eq!(ip_in(&mut [0; 64], addr), ip.as_bytes());
+        }
+    }
+
+    #[test]
+    fn decimal_in_writes_what_display_writes() {
+        for n in [0, 7, 10, 65_536, 1 << 40, u64::MAX] {
+            assert_eq!(decimal_in(&mut [0; 20], n), n.to_string().as_bytes());
         }
     }
 

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use super::downstream::Downstream;
 use super::{OpenSlot, Shared};
 use crate::http::chunked::{encode_chunk_header, encode_last_chunk, CHUNK_END};
-use crate::http::{display_in, request, BodyKind, Framing, HttpError, ReadBuf, Request, Version};
+use crate::http::{decimal_in, request, BodyKind, Framing, HttpError, ReadBuf, Request, Version};
 use crate::logging::AccessRecord;
 use crate::pipeline::{
     Body, Context, Handled, ModuleFailed, PendingResponse, Response, Resumed, WaitOn,
@@ -345,33 +345,30 @@ fn write_response(
         req.method == "HEAD" || head.is_informational() || matches!(head.status, 204 | 304);
     let mut chunked = false;
     let mut digits = [0u8; 20];
-    if !bodyless {
-        head.headers.remove("transfer-encoding");
-        match &resp.body {
-            Body::Empty => head.headers.set("Content-Length", "0"),
-            Body::Bytes(bytes) => head
+    if bodyless {
+        head.headers.remove("connection");
+    } else {
+        // The framing is ours to write: the fields of the response as it came go in one pass.
+        head.headers
+            .remove_each(&["transfer-encoding", "content-length", "connection"]);
+        let length = match &resp.body {
+            Body::Empty => Some(0),
+            Body::Bytes(bytes) => Some(bytes.len() as u64),
+            Body::File(file) => Some(file.len() as u64),
+            Body::Stream(stream) => stream.length(),
+        };
+        match length {
+            Some(n) => head
                 .headers
-                .set("Content-Length", display_in(&mut digits, bytes.len())),
-            Body::File(file) => head
-                .headers
-                .set("Content-Length", display_in(&mut digits, file.len())),
-            Body::Stream(stream) => match stream.length() {
-                Some(n) => head
-                    .headers
-                    .set("Content-Length", display_in(&mut digits, n)),
-                None if req.version == Version::Http11 => {
-                    head.headers.remove("content-length");
-                    head.headers.append("Transfer-Encoding", "chunked");
-                    chunked = true;
-                }
-                None => {
-                    head.headers.remove("content-length");
-                    keep_alive = false; // the end of the body is the end of the connection
-                }
-            },
+                .append("Content-Length", decimal_in(&mut digits, n)),
+            None if req.version == Version::Http11 => {
+                head.headers.append("Transfer-Encoding", "chunked");
+                chunked = true;
+            }
+            // The end of the body is the end of the connection.
+            None => keep_alive = false,
         }
     }
-    head.headers.remove("connection");
     if !keep_alive {
         head.headers.append("Connection", "close");
     } else if req.version == Version::Http10 {
