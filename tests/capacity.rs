@@ -197,3 +197,54 @@ fn a_worker_held_by_a_stalled_upload_is_replaced_while_the_others_keep_serving()
     assert!(workers >= 3, "{workers} workers");
     drop(stalled);
 }
+
+#[test]
+fn slow_heads_and_waiting_pipelines_hold_only_their_bytes() {
+    // A connection parked mid-head, or waiting upstream with its next request
+    // already read, keeps those bytes and not a whole read buffer (64 KiB).
+    let answer = Arc::new(AtomicBool::new(false));
+    let go = answer.clone();
+    let backend = Backend::raw(move |stream| {
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        while let Some(_req) = read_request(&mut reader) {
+            while !go.load(Ordering::Relaxed) {
+                thread::sleep(Duration::from_millis(10));
+            }
+            if (&stream).write_all(&response(200, &[], b"late")).is_err() {
+                return;
+            }
+        }
+    });
+    let proxy = Proxy::start(backend.addr);
+    let before = proxy.rss_kb();
+    let mut slow = Vec::new();
+    for _ in 0..1000 {
+        let mut client = Client::connect(proxy.addr);
+        client.send("GET / HTTP/1.1\r\nHost: a\r\nX-Part: ");
+        slow.push(client);
+    }
+    let mut waiting = Vec::new();
+    for _ in 0..300 {
+        let mut client = Client::connect(proxy.addr);
+        client.send("GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n");
+        waiting.push(client);
+    }
+    // Until every upstream request has arrived, each connection has been read.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while backend.connections.load(Ordering::SeqCst) < 300 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    thread::sleep(Duration::from_millis(200));
+    let growth_mb = proxy.rss_kb().saturating_sub(before) / 1024;
+    // Whole buffers would be 1300 × 64 KiB, over 80 MB.
+    assert!(growth_mb < 24, "RSS grew {growth_mb} MB");
+    answer.store(true, Ordering::Relaxed);
+    for client in &mut waiting {
+        assert_eq!(client.response().text(), "late");
+        assert_eq!(client.response().text(), "late");
+    }
+    for client in slow.iter_mut().step_by(100) {
+        client.send("1\r\n\r\n");
+        assert_eq!(client.response().text(), "late");
+    }
+}

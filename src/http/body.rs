@@ -59,8 +59,14 @@ impl ReadBuf {
 
     /// One `read` into free space; `Ok(0)` is end of stream.
     pub fn read_from(&mut self, src: &mut impl Read) -> io::Result<usize> {
-        if self.bytes.is_empty() {
-            self.bytes = SPARE.lock().pop().unwrap_or_default();
+        if self.bytes.len() < READ_SIZE {
+            // No storage, or only the leftover `release` kept: a full buffer again.
+            let mut storage = SPARE.lock().pop().unwrap_or_else(|| vec![0; READ_SIZE]);
+            let kept = self.end - self.start;
+            storage[..kept].copy_from_slice(self.filled());
+            self.bytes = storage;
+            self.start = 0;
+            self.end = kept;
         }
         if self.bytes.len() - self.end < READ_SIZE / 2 {
             if self.start > 0 {
@@ -94,20 +100,27 @@ impl ReadBuf {
         self.drained
     }
 
-    /// Gives up the storage of an empty buffer, so idle connections cost
-    /// little memory. It goes to a shared list of spares for the next
+    /// Gives up the storage of a buffer that holds little, so a connection
+    /// that idles or waits costs little memory: bytes still unread (part of a
+    /// head, a pipelined request) move to an allocation of their own size.
+    /// A full-size buffer goes to a shared list of spares for the next
     /// connection that has bytes to read: no allocation or zeroing per request.
     /// Shared rather than per thread, because the worker that parks a
     /// connection is often not the one that read its request.
     pub fn release(&mut self) {
-        if self.is_empty() && self.bytes.len() == READ_SIZE {
-            let bytes = std::mem::take(&mut self.bytes);
+        let kept = self.end - self.start;
+        if self.bytes.len() < READ_SIZE || kept > MAX_KEPT {
+            return; // already small, or too much to copy
+        }
+        let unread = self.filled().to_vec();
+        let storage = std::mem::replace(&mut self.bytes, unread);
+        self.start = 0;
+        self.end = kept;
+        if storage.len() == READ_SIZE {
             let mut spare = SPARE.lock();
             if spare.len() < MAX_SPARE {
-                spare.push(bytes);
+                spare.push(storage);
             }
-        } else if self.is_empty() {
-            self.bytes = Vec::new();
         }
     }
 }
@@ -132,6 +145,9 @@ impl Read for Arrived<'_> {
         Ok(n as usize)
     }
 }
+
+/// A buffer released with more unread bytes than this keeps its storage.
+const MAX_KEPT: usize = READ_SIZE / 4;
 
 /// Spare buffers kept at most: enough for every worker to be reading at once.
 const MAX_SPARE: usize = 256;
@@ -401,5 +417,25 @@ mod tests {
         buf.read_from(&mut &b"xyz"[..]).unwrap();
         assert_eq!(buf.filled(), b"xyz");
         assert_eq!(buf.bytes.len(), READ_SIZE);
+    }
+
+    #[test]
+    fn a_released_buffer_keeps_unread_bytes_in_their_own_size() {
+        let mut buf = ReadBuf::default();
+        buf.read_from(&mut &b"GET /a\r\n\r\nGET /b"[..]).unwrap();
+        buf.consume(10);
+        buf.release();
+        assert_eq!(buf.bytes.len(), 6);
+        assert_eq!(buf.filled(), b"GET /b");
+        buf.read_from(&mut &b" HTTP/1.1"[..]).unwrap();
+        assert_eq!(buf.filled(), b"GET /b HTTP/1.1");
+        assert_eq!(buf.bytes.len(), READ_SIZE);
+
+        // Too much left to copy: the buffer stays as it is.
+        let mut big = ReadBuf::default();
+        big.read_from(&mut &vec![b'x'; MAX_KEPT + 1][..]).unwrap();
+        big.release();
+        assert_eq!(big.bytes.len(), READ_SIZE);
+        assert_eq!(big.filled().len(), MAX_KEPT + 1);
     }
 }

@@ -159,13 +159,11 @@ fn carry_on(conn: Conn, keep_alive: bool, shared: &Shared) -> Next {
 }
 
 fn park(mut conn: Conn, shared: &Shared) -> Next {
-    let deadline = match conn.head_deadline {
-        Some(deadline) => deadline,
-        None => {
-            conn.buf.release();
-            Instant::now() + shared.keepalive_timeout
-        }
-    };
+    // Idle, or a head arriving slowly: either way only its bytes so far are kept.
+    conn.buf.release();
+    let deadline = conn
+        .head_deadline
+        .unwrap_or_else(|| Instant::now() + shared.keepalive_timeout);
     Next::Park(conn, deadline)
 }
 
@@ -208,7 +206,8 @@ fn run(conn: &mut Conn, mut ex: Exchange, shared: &Shared) -> Result<bool, Box<S
 }
 
 fn suspend(mut conn: Conn, suspended: Box<Suspended>) -> Next {
-    // Waiting may take long and thousands may wait at once: no buffer meanwhile.
+    // Waiting may take long and thousands may wait at once: only the
+    // unread bytes (a pipelined request) are kept meanwhile.
     conn.buf.release();
     Next::Suspend(conn, suspended)
 }
