@@ -28,7 +28,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use moka::sync::Cache as Store;
+/// Keys are URLs, so the hasher is seeded per process (foldhash's
+/// RandomState): a few instructions per key where SipHash takes hundreds.
+type Store<K, V> = moka::sync::Cache<K, V, foldhash::fast::RandomState>;
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use parking_lot::Mutex;
 use serde::Deserialize;
 
@@ -185,15 +188,18 @@ pub fn build(settings: &Settings, env: &BuildEnv) -> Result<Box<dyn Module>, Str
                 .map_err(|e| format!("disk_dir {dir:?}: {e}"))?,
         ),
     };
-    let store = Store::builder()
+    let store = moka::sync::Cache::builder()
         .max_capacity(settings.max_memory)
         .weigher(|key: &String, entry: &Arc<Entry>| (key.len() + entry.size()).try_into().unwrap_or(u32::MAX))
-        .build();
+        .build_with_hasher(Default::default());
     let cache = Arc::new(Cache {
         store,
         inflight: Arc::default(),
-        uncacheable: Store::builder().max_capacity(65_536).time_to_live(HIT_FOR_MISS).build(),
-        vary_index: Store::builder().max_capacity(65_536).build(),
+        uncacheable: moka::sync::Cache::builder()
+            .max_capacity(65_536)
+            .time_to_live(HIT_FOR_MISS)
+            .build_with_hasher(Default::default()),
+        vary_index: moka::sync::Cache::builder().max_capacity(65_536).build_with_hasher(Default::default()),
         coalesce_wait: settings.coalesce_wait.0,
         targeted_cache_control: settings.targeted_cache_control,
         key,
@@ -219,7 +225,7 @@ pub fn build(settings: &Settings, env: &BuildEnv) -> Result<Box<dyn Module>, Str
 pub struct Cache {
     store: Store<String, Arc<Entry>>,
     /// Keys being fetched by a first miss, with the misses waiting for it.
-    inflight: Arc<Mutex<HashMap<String, Flight>>>,
+    inflight: Arc<Mutex<Map<String, Flight>>>,
     /// Keys whose last response was not storable ("hit-for-miss"): their
     /// misses go upstream at once instead of queueing behind one another.
     uncacheable: Store<String, ()>,
@@ -365,7 +371,7 @@ type Flight = Vec<Arc<Signal>>;
 /// misses that wait for it.
 struct Leading {
     key: String,
-    inflight: Arc<Mutex<HashMap<String, Flight>>>,
+    inflight: Arc<Mutex<Map<String, Flight>>>,
 }
 
 impl Drop for Leading {

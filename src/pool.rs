@@ -19,7 +19,9 @@ use crate::config::Config;
 use crate::http::ReadBuf;
 
 pub struct Pool {
-    hosts: RwLock<HashMap<SocketAddr, Arc<Host>>>,
+    /// Keyed by backend addresses, which come from the config: foldhash,
+    /// not SipHash, is enough.
+    hosts: RwLock<HashMap<SocketAddr, Arc<Host>, foldhash::fast::RandomState>>,
     /// Called with every connection the pool opens, before it is used: the
     /// server registers it with its event loop for the connection's life.
     on_open: OnceLock<OnOpen>,
@@ -103,7 +105,7 @@ pub struct Pooled {
 impl Pool {
     pub fn new(limits: PoolLimits) -> Arc<Pool> {
         Arc::new(Pool {
-            hosts: RwLock::new(HashMap::new()),
+            hosts: RwLock::new(HashMap::default()),
             on_open: OnceLock::new(),
             limits,
             hits: AtomicU64::new(0),
