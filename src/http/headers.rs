@@ -1,8 +1,10 @@
 //! An ordered header list that keeps repeats (Set-Cookie) and original case.
 //!
-//! Names and values live in one byte buffer with ranges into it, so a parsed
-//! head costs two allocations instead of one per header, and the list can be
-//! cleared and reused.
+//! The fields live as their own lines (`Name: value\r\n`) in one byte buffer,
+//! with ranges into it for names and values: a parsed head is one copy of
+//! its header section, and writing a head copies each run of fields that are
+//! still side by side at once, so a forwarded head is a few copies, not four
+//! per field.
 
 use std::ops::Range;
 
@@ -16,6 +18,8 @@ pub struct Headers {
 struct Entry {
     name: Range<u32>,
     value: Range<u32>,
+    /// Where the field's line ends, past its CRLF; it starts at its name.
+    end: u32,
 }
 
 impl Headers {
@@ -23,13 +27,40 @@ impl Headers {
         Headers::default()
     }
 
-    /// Room for `bytes` of names and values in `fields` fields (plus a few
-    /// more the proxy adds) without reallocating.
-    pub fn with_capacity(bytes: usize, fields: usize) -> Headers {
-        Headers {
-            bytes: Vec::with_capacity(bytes + 256),
-            entries: Vec::with_capacity(fields + 8),
+    /// The fields httparse found in `head` (a whole head, ending in the
+    /// empty line), their lines kept as they came.
+    pub fn from_parsed(head: &[u8], fields: &[httparse::Header]) -> Headers {
+        let Some(first) = fields.first() else {
+            return Headers::default();
+        };
+        let base = offset_in(head, first.name.as_bytes());
+        // Every line from the first field to the empty line that ends the head.
+        let section = &head[base..head.len() - 2];
+        let mut bytes = Vec::with_capacity(section.len() + 256);
+        bytes.extend_from_slice(section);
+        let at = |part: &[u8]| (offset_in(head, part) - base) as u32;
+        let mut entries: Vec<Entry> = Vec::with_capacity(fields.len() + 8);
+        for field in fields {
+            let name =
+                at(field.name.as_bytes())..at(field.name.as_bytes()) + field.name.len() as u32;
+            if let Some(previous) = entries.last_mut() {
+                previous.end = name.start;
+            }
+            // An empty value may point anywhere: place it after the name.
+            let value = match field.value {
+                [] => name.end..name.end,
+                value => at(value)..at(value) + value.len() as u32,
+            };
+            entries.push(Entry {
+                name,
+                value,
+                end: 0,
+            });
         }
+        if let Some(last) = entries.last_mut() {
+            last.end = section.len() as u32;
+        }
+        Headers { bytes, entries }
     }
 
     pub fn len(&self) -> usize {
@@ -41,9 +72,9 @@ impl Headers {
     }
 
     pub fn append(&mut self, name: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
-        let name = self.push_bytes(name.as_ref());
-        let value = self.push_bytes(value.as_ref());
-        self.entries.push(Entry { name, value });
+        let name = self.start_line(name.as_ref());
+        self.bytes.extend_from_slice(value.as_ref());
+        self.end_line(name);
     }
 
     /// Adds `item` to the comma-separated list `name` (X-Forwarded-For,
@@ -69,22 +100,18 @@ impl Headers {
         let Some(value) = self.find(from).map(|e| range(&e.value)) else {
             return;
         };
-        let name = self.push_bytes(to.as_bytes());
-        let start = self.bytes.len() as u32;
+        let name = self.start_line(to.as_bytes());
         self.bytes.extend_from_within(value);
-        let value = start..self.bytes.len() as u32;
-        self.entries.push(Entry { name, value });
+        self.end_line(name);
     }
 
     /// Appends a field whose value is `parts` joined, built in place.
     pub fn append_joined(&mut self, name: &str, parts: &[&[u8]]) {
-        let name = self.push_bytes(name.as_bytes());
-        let start = self.bytes.len() as u32;
+        let name = self.start_line(name.as_bytes());
         for part in parts {
             self.bytes.extend_from_slice(part);
         }
-        let value = start..self.bytes.len() as u32;
-        self.entries.push(Entry { name, value });
+        self.end_line(name);
     }
 
     /// Replaces every field of this name with one.
@@ -166,21 +193,43 @@ impl Headers {
         self.entries.clear();
     }
 
-    /// Appends `Name: value\r\n` for every field.
+    /// Appends `Name: value\r\n` for every field. Fields still side by side
+    /// in the buffer (as parsed, or appended one after another) go in one copy.
     pub fn write_to(&self, out: &mut Vec<u8>) {
-        for (name, value) in self.iter() {
-            out.extend_from_slice(name);
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value);
-            out.extend_from_slice(b"\r\n");
+        let mut run = 0..0;
+        for e in &self.entries {
+            if e.name.start != run.end {
+                out.extend_from_slice(&self.bytes[range(&run)]);
+                run.start = e.name.start;
+            }
+            run.end = e.end;
         }
+        out.extend_from_slice(&self.bytes[range(&run)]);
     }
 
-    fn push_bytes(&mut self, b: &[u8]) -> Range<u32> {
+    /// Writes `name: ` for a new field; its value follows, then `end_line`.
+    fn start_line(&mut self, name: &[u8]) -> Range<u32> {
         let start = self.bytes.len() as u32;
-        self.bytes.extend_from_slice(b);
-        start..self.bytes.len() as u32
+        self.bytes.extend_from_slice(name);
+        let name = start..self.bytes.len() as u32;
+        self.bytes.extend_from_slice(b": ");
+        name
     }
+
+    /// Ends the field `start_line` began: its value is what was written since.
+    fn end_line(&mut self, name: Range<u32>) {
+        let value = name.end + 2..self.bytes.len() as u32;
+        self.bytes.extend_from_slice(b"\r\n");
+        let end = self.bytes.len() as u32;
+        self.entries.push(Entry { name, value, end });
+    }
+}
+
+/// Where `part`, a slice of `whole`, starts in it.
+fn offset_in(whole: &[u8], part: &[u8]) -> usize {
+    let offset = (part.as_ptr() as usize).wrapping_sub(whole.as_ptr() as usize);
+    assert!(offset + part.len() <= whole.len(), "a slice from elsewhere");
+    offset
 }
 
 impl std::fmt::Debug for Headers {
@@ -226,6 +275,34 @@ pub fn trim(mut b: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_parsed_head_is_written_back_line_for_line_less_what_was_removed() {
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\nX-Empty:\r\nConnection:  close \r\nx-spaced:\tv  w\r\n\r\n";
+        let mut slots = [httparse::EMPTY_HEADER; 8];
+        let mut req = httparse::Request::new(&mut slots);
+        assert!(req.parse(head).unwrap().is_complete());
+        let mut h = Headers::from_parsed(head, req.headers);
+        assert_eq!(h.len(), 4);
+        assert_eq!(h.get("host"), Some(&b"a"[..]));
+        assert_eq!(h.get("x-empty"), Some(&b""[..]));
+        assert_eq!(h.get("connection"), Some(&b"close"[..]));
+        assert_eq!(h.get("X-Spaced"), Some(&b"v  w"[..]));
+        let mut out = Vec::new();
+        h.write_to(&mut out);
+        assert_eq!(out, &head[16..head.len() - 2]);
+
+        h.remove("connection");
+        h.append("Via", "1.1 us");
+        h.append_copy("X-Host", "host");
+        let mut out = Vec::new();
+        h.write_to(&mut out);
+        assert_eq!(
+            out,
+            b"Host: a\r\nX-Empty:\r\nx-spaced:\tv  w\r\nVia: 1.1 us\r\nX-Host: a\r\n"
+        );
+        assert!(Headers::from_parsed(b"GET / HTTP/1.1\r\n\r\n", &[]).is_empty());
+    }
 
     #[test]
     fn append_copy_copies_a_value_under_another_name() {

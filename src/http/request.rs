@@ -90,10 +90,7 @@ pub fn parse(buf: &[u8], limits: &Limits) -> Result<Option<(Request, Framing, us
 
     let method = req.method.unwrap_or_default();
     let version = Version::from_minor(req.version.unwrap_or(1));
-    let mut headers = Headers::with_capacity(len, req.headers.len());
-    for h in req.headers.iter() {
-        headers.append(h.name, h.value);
-    }
+    let mut headers = Headers::from_parsed(&buf[..len], req.headers);
     let target = normalize_target(method, req.path.unwrap_or_default(), version, &mut headers)?;
     let framing = framing(version, &headers, limits)?;
     let request = Request {

@@ -86,10 +86,7 @@ pub fn parse(buf: &[u8], max_size: usize) -> Result<Option<(ResponseHead, usize)
         Err(_) => return Err(bad("malformed upstream response head")),
     };
     check_line_endings(&buf[..len]).map_err(|_| bad("malformed upstream response head"))?;
-    let mut headers = Headers::with_capacity(len, res.headers.len());
-    for h in res.headers.iter() {
-        headers.append(h.name, h.value);
-    }
+    let headers = Headers::from_parsed(&buf[..len], res.headers);
     let status = res.code.unwrap_or_default();
     let reason = res.reason.unwrap_or_default();
     let head = ResponseHead {
