@@ -131,7 +131,7 @@ impl Headers {
         let before = self.entries.len();
         let bytes = &self.bytes;
         self.entries
-            .retain(|e| !names.iter().any(|n| name_is(&bytes[range(&e.name)], n)));
+            .retain(|e| !names.iter().any(|n| e.is_named(bytes, n)));
         self.entries.len() != before
     }
 
@@ -157,14 +157,12 @@ impl Headers {
     ) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n> {
         self.entries
             .iter()
-            .filter(move |e| name_is(&self.bytes[range(&e.name)], name))
+            .filter(move |e| e.is_named(&self.bytes, name))
             .map(|e| &self.bytes[range(&e.value)])
     }
 
     fn find(&self, name: &str) -> Option<&Entry> {
-        self.entries
-            .iter()
-            .find(|e| name_is(&self.bytes[range(&e.name)], name))
+        self.entries.iter().find(|e| e.is_named(&self.bytes, name))
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -243,10 +241,13 @@ impl std::fmt::Debug for Headers {
     }
 }
 
-/// Field names compare case-insensitively; lengths first, since most fields
-/// are ruled out without touching their bytes.
-fn name_is(field: &[u8], name: &str) -> bool {
-    field.len() == name.len() && field.eq_ignore_ascii_case(name.as_bytes())
+impl Entry {
+    /// Field names compare case-insensitively; lengths first, since most
+    /// fields are ruled out without touching their bytes.
+    fn is_named(&self, bytes: &[u8], name: &str) -> bool {
+        (self.name.end - self.name.start) as usize == name.len()
+            && bytes[range(&self.name)].eq_ignore_ascii_case(name.as_bytes())
+    }
 }
 
 fn range(r: &Range<u32>) -> Range<usize> {
