@@ -810,7 +810,11 @@ impl Cache {
         for part in &self.key {
             match part {
                 KeyPart::Scheme => key.push_str("http://"),
-                KeyPart::Host => key.extend(host.chars().map(|c| c.to_ascii_lowercase())),
+                KeyPart::Host => {
+                    let from = key.len();
+                    key.push_str(host);
+                    key[from..].make_ascii_lowercase();
+                }
                 KeyPart::Path => key.push_str(path),
                 KeyPart::Query => {
                     if let Some(query) = query {
@@ -1226,13 +1230,18 @@ impl Cache {
         if req.headers.contains("authorization") && !(said.public || said.s_maxage.is_some() || said.must_revalidate) {
             return None;
         }
+        // Rules are few or none: the host is looked up only to match them.
+        let ttl = if self.rules.is_empty() {
+            None
+        } else {
+            self.rule(req.host().unwrap_or_default(), &req.target).and_then(|rule| rule.ttl)
+        };
+        // First what most uncacheable responses fail (nothing says how long they keep).
+        let mut entry = self.entry_for(resp, &said, request_time, ttl.map(|t| t.0))?;
         let declared_length = resp.headers.get_str("content-length").and_then(|v| v.parse::<u64>().ok());
         if declared_length.is_some_and(|n| n > self.max_object_size) {
             return None;
         }
-
-        let ttl = self.rule(req.host().unwrap_or_default(), &req.target).and_then(|rule| rule.ttl);
-        let mut entry = self.entry_for(resp, &said, request_time, ttl.map(|t| t.0))?;
         entry.vary = resp
             .headers
             .list("vary")
