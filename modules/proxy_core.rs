@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use crate::http::body::{BodyError, BodyReader};
 use crate::http::chunked::{encode_chunk_header, encode_last_chunk, CHUNK_END};
+use crate::http::headers::list_items;
 use crate::http::{ip_in, response, BodyKind, Headers, Request, ResponseHead, Version};
 use crate::pipeline::{
     Body, BodyStream, BuildEnv, Context, Downstream, Flow, Module, PendingResponse, Response, Resumed, Timer, WaitOn,
@@ -512,20 +513,24 @@ fn send_body(downstream: &mut Downstream, upstream: &mut TcpStream) -> Result<()
 /// Fields meant for one connection only (RFC 9110 §7.6.1), never forwarded.
 const HOP_BY_HOP: [&str; 6] = ["connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade"];
 
+fn is_hop_by_hop(name: &[u8]) -> bool {
+    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+}
+
 /// Drops the hop-by-hop fields, those the Connection field names, and `also`.
+/// One pass, unless Connection names fields beyond the usual (rare).
 fn strip_hop_by_hop(headers: &mut Headers, also: &[&str]) {
-    // Only names beyond the usual "keep-alive" or "close" need remembering.
-    let listed: Vec<Vec<u8>> = headers
-        .list("connection")
-        .filter(|token| {
-            !token.eq_ignore_ascii_case(b"close") && !HOP_BY_HOP.iter().any(|h| token.eq_ignore_ascii_case(h.as_bytes()))
-        })
-        .map(<[u8]>::to_ascii_lowercase)
-        .collect();
-    headers.retain(|name, _| {
-        !HOP_BY_HOP.iter().chain(also).any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
-            && !listed.iter().any(|l| name.eq_ignore_ascii_case(l))
+    let mut listed: Vec<Vec<u8>> = Vec::new();
+    headers.retain(|name, value| {
+        if name.eq_ignore_ascii_case(b"connection") {
+            let unusual = list_items(value).filter(|token| !token.eq_ignore_ascii_case(b"close") && !is_hop_by_hop(token));
+            listed.extend(unusual.map(<[u8]>::to_vec));
+        }
+        !is_hop_by_hop(name) && !also.iter().any(|a| name.eq_ignore_ascii_case(a.as_bytes()))
     });
+    if !listed.is_empty() {
+        headers.retain(|name, _| !listed.iter().any(|l| name.eq_ignore_ascii_case(l)));
+    }
 }
 
 /// An upstream response body, read straight off the pooled connection.

@@ -53,13 +53,20 @@ fn forwarding_headers_are_added_and_hop_by_hop_ones_stripped() {
     let proxy = Proxy::start(backend.addr);
     let resp = request(
         proxy.addr,
-        "GET /x HTTP/1.1\r\nHost: shop.example\r\nConnection: keep-alive, X-Hop\r\nX-Hop: drop me\r\nKeep-Alive: 300\r\n\
+        "GET /x HTTP/1.1\r\nHost: shop.example\r\nX-Early: named after\r\nConnection: keep-alive, X-Hop, x-early\r\nX-Hop: drop me\r\nKeep-Alive: 300\r\n\
          TE: trailers\r\nUpgrade: websocket\r\nProxy-Connection: keep-alive\r\nX-Forwarded-For: 203.0.113.9\r\n\
          Via: 1.0 edge\r\nX-Keep: yes\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: spoofed\r\n\r\n",
     );
     assert_eq!(resp.status, 200);
     let seen = backend.last();
-    for name in ["x-hop", "keep-alive", "te", "upgrade", "proxy-connection"] {
+    for name in [
+        "x-hop",
+        "x-early",
+        "keep-alive",
+        "te",
+        "upgrade",
+        "proxy-connection",
+    ] {
         assert_eq!(seen.header(name), None, "{name} was forwarded: {seen:?}");
     }
     // The backend sees a fresh Connection field of ours or none, never the client's.

@@ -176,8 +176,8 @@ impl Headers {
 
     /// True if a comma-separated `name` field holds `token` (case-insensitive).
     pub fn has_token(&self, name: &str, token: &str) -> bool {
-        self.list(name)
-            .any(|item| item.eq_ignore_ascii_case(token.as_bytes()))
+        self.get_all(name)
+            .any(|value| list_items(value).any(|item| item.eq_ignore_ascii_case(token.as_bytes())))
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {

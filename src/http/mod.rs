@@ -114,20 +114,26 @@ fn check_line_endings(head: &[u8]) -> Result<(), &'static str> {
 /// Parses a Content-Length field set: every value must be digits and all must agree.
 fn content_length(headers: &Headers) -> Result<Option<u64>, &'static str> {
     let mut length = None;
-    for value in headers.list("content-length") {
-        if !value.iter().all(u8::is_ascii_digit) {
-            return Err("malformed Content-Length");
+    let mut present = false;
+    for value in headers.get_all("content-length") {
+        present = true;
+        for item in headers::list_items(value) {
+            if !item.iter().all(u8::is_ascii_digit) {
+                return Err("malformed Content-Length");
+            }
+            let n = item
+                .iter()
+                .try_fold(0u64, |n, &d| {
+                    n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+                })
+                .ok_or("Content-Length too large")?;
+            if length.is_some_and(|prev| prev != n) {
+                return Err("conflicting Content-Length values");
+            }
+            length = Some(n);
         }
-        let n = std::str::from_utf8(value)
-            .ok()
-            .and_then(|s| s.parse::<u64>().ok())
-            .ok_or("Content-Length too large")?;
-        if length.is_some_and(|prev| prev != n) {
-            return Err("conflicting Content-Length values");
-        }
-        length = Some(n);
     }
-    if length.is_none() && headers.contains("content-length") {
+    if length.is_none() && present {
         return Err("empty Content-Length");
     }
     Ok(length)
@@ -210,6 +216,34 @@ mod tests {
             let addr: std::net::IpAddr = ip.parse().unwrap();
             assert_eq!(ip_in(&mut [0; 64], addr), ip.as_bytes());
         }
+    }
+
+    #[test]
+    fn content_length_fields_must_be_digits_and_agree() {
+        let length = |values: &[&str]| {
+            let mut h = Headers::new();
+            for v in values {
+                h.append("Content-Length", v);
+            }
+            content_length(&h)
+        };
+        assert_eq!(length(&[]), Ok(None));
+        assert_eq!(length(&["0"]), Ok(Some(0)));
+        assert_eq!(length(&["18446744073709551615"]), Ok(Some(u64::MAX)));
+        assert_eq!(length(&["5, 5", "5"]), Ok(Some(5)));
+        assert_eq!(length(&["", "7"]), Ok(Some(7)));
+        assert_eq!(
+            length(&["5", "6"]),
+            Err("conflicting Content-Length values")
+        );
+        assert_eq!(length(&["5,6"]), Err("conflicting Content-Length values"));
+        assert_eq!(length(&["5x"]), Err("malformed Content-Length"));
+        assert_eq!(length(&["-1"]), Err("malformed Content-Length"));
+        assert_eq!(
+            length(&["18446744073709551616"]),
+            Err("Content-Length too large")
+        );
+        assert_eq!(length(&[""]), Err("empty Content-Length"));
     }
 
     #[test]
