@@ -28,10 +28,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-/// Keys are URLs, so the hasher is seeded per process (foldhash's
-/// RandomState): a few instructions per key where SipHash takes hundreds.
-type Store<K, V> = moka::sync::Cache<K, V, foldhash::fast::RandomState>;
-type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use parking_lot::Mutex;
 use serde::Deserialize;
 
@@ -44,6 +40,11 @@ use crate::http::{Headers, Request, ResponseHead};
 use ipnet::IpNet;
 
 use crate::pipeline::{Body, BuildEnv, Context, Downstream, Flow, Module, PendingResponse, Response, Resumed, Signal, WaitOn};
+
+/// Keys are URLs, so the hasher is seeded per process (foldhash's
+/// RandomState): a few instructions per key where SipHash takes hundreds.
+type Store<K, V> = moka::sync::Cache<K, V, foldhash::fast::RandomState>;
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// After request_id (so hits carry an id), before proxy_core.
 pub const PRIORITY: i32 = 500;

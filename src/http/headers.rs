@@ -41,8 +41,8 @@ impl Headers {
         let at = |part: &[u8]| (offset_in(head, part) - base) as u32;
         let mut entries: Vec<Entry> = Vec::with_capacity(fields.len() + 8);
         for field in fields {
-            let name =
-                at(field.name.as_bytes())..at(field.name.as_bytes()) + field.name.len() as u32;
+            let start = at(field.name.as_bytes());
+            let name = start..start + field.name.len() as u32;
             if let Some(previous) = entries.last_mut() {
                 previous.end = name.start;
             }
