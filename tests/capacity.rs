@@ -13,6 +13,16 @@ use common::*;
 
 const GIB: u64 = 1 << 30;
 
+/// Tests that each hold thousands of sockets in this process take turns, so
+/// together they stay under its descriptor limit.
+static MANY_SOCKETS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn many_sockets() -> std::sync::MutexGuard<'static, ()> {
+    MANY_SOCKETS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Samples the proxy's RSS until stopped; returns the peak in KiB.
 fn watch_rss(pid: u32) -> (Arc<AtomicBool>, thread::JoinHandle<u64>) {
     let stop = Arc::new(AtomicBool::new(false));
@@ -30,6 +40,7 @@ fn watch_rss(pid: u32) -> (Arc<AtomicBool>, thread::JoinHandle<u64>) {
 
 #[test]
 fn five_thousand_idle_keep_alive_clients_pin_no_worker() {
+    let _turn = many_sockets();
     let backend = Backend::ok("fine");
     let proxy = Proxy::with(
         backend.addr,
@@ -200,6 +211,7 @@ fn a_worker_held_by_a_stalled_upload_is_replaced_while_the_others_keep_serving()
 
 #[test]
 fn slow_heads_and_waiting_pipelines_hold_only_their_bytes() {
+    let _turn = many_sockets();
     // A connection parked mid-head, or waiting upstream with its next request
     // already read, keeps those bytes and not a whole read buffer (64 KiB).
     let answer = Arc::new(AtomicBool::new(false));
