@@ -49,7 +49,10 @@ impl Headers {
             // An empty value may point anywhere: place it after the name.
             let value = match field.value {
                 [] => name.end..name.end,
-                value => at(value)..at(value) + value.len() as u32,
+                value => {
+                    let start = at(value);
+                    start..start + value.len() as u32
+                }
             };
             entries.push(Entry {
                 name,
@@ -184,11 +187,6 @@ impl Headers {
         self.entries
             .iter()
             .map(|e| (&self.bytes[range(&e.name)], &self.bytes[range(&e.value)]))
-    }
-
-    pub fn clear(&mut self) {
-        self.bytes.clear();
-        self.entries.clear();
     }
 
     /// Appends `Name: value\r\n` for every field. Fields still side by side
