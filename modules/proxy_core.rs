@@ -231,7 +231,10 @@ enum Phase {
 impl PendingResponse for Forward {
     fn wait_on(&self) -> WaitOn {
         match &self.phase {
-            Phase::Waiting(conn) => WaitOn::Pooled(conn.stream().as_raw_fd()),
+            Phase::Waiting(conn) => WaitOn::Pooled {
+                fd: conn.stream().as_raw_fd(),
+                home: conn.home(),
+            },
             Phase::Backoff(timer) => WaitOn::Fd(timer.fd()),
             Phase::Idle => unreachable!("awaited only when sent or backing off"),
         }

@@ -52,6 +52,18 @@ fn is_valid_id(id: &[u8]) -> bool {
             .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'+' | b'/' | b'='))
 }
 
+thread_local! {
+    /// Each thread counts within a millisecond on its own: `Uuid::now_v7`
+    /// shares one mutex-guarded counter, a lock every request would take.
+    /// Ids stay time-ordered to the millisecond across threads.
+    static V7: uuid::ContextV7 = const { uuid::ContextV7::new() };
+}
+
+fn new_id() -> String {
+    let id = V7.with(|context| uuid::Uuid::new_v7(uuid::Timestamp::now(context)));
+    id.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()).to_owned()
+}
+
 fn is_token_char(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
@@ -65,7 +77,7 @@ impl Module for RequestId {
         ctx.request_id = match incoming {
             // is_valid_id admits ASCII only.
             Some(id) => String::from_utf8_lossy(id).into_owned(),
-            None => uuid::Uuid::now_v7().hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()).to_owned(),
+            None => new_id(),
         };
         req.headers.set(&self.header, &ctx.request_id);
         Flow::Continue

@@ -36,7 +36,7 @@ pub struct ServerConfig {
     /// Where requests go until routes choose otherwise.
     pub backend_addr: SocketAddr,
     /// 0: one per CPU core.
-    pub workers: usize,
+    pub workers: u16,
     /// The pool grows up to this while slow bodies or readers hold workers.
     pub max_workers: NonZeroUsize,
     pub max_connections: NonZeroUsize,

@@ -93,7 +93,8 @@ pub enum WaitOn {
     /// A connection from the pool. The server watches those for their whole
     /// life (edge-triggered), so a wait costs no system call; in exchange an
     /// event that came before the wait wakes it at once, data or not.
-    Pooled(RawFd),
+    /// `home` is the worker event loop it is watched in.
+    Pooled { fd: RawFd, home: usize },
     /// Any other descriptor (a [`Signal`], a [`Timer`]): watched for this wait.
     Fd(RawFd),
 }

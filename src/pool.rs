@@ -4,7 +4,13 @@
 //! used is the one most likely still open and warm), a cap on idle and on
 //! total connections, and an idle timeout. A connection is checked for
 //! liveness right before it is handed out, on that very socket.
+//!
+//! Each connection belongs to the *home* (the server's worker event loop)
+//! of the thread that opened it, where its replies are announced; a
+//! checkout takes the most recent idle connection of the caller's home if
+//! there is one, so an exchange stays on one thread.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
@@ -31,7 +37,16 @@ pub struct Pool {
     evictions: AtomicU64,
 }
 
-type OnOpen = Box<dyn Fn(RawFd) -> io::Result<()> + Send + Sync>;
+type OnOpen = Box<dyn Fn(RawFd, usize) -> io::Result<()> + Send + Sync>;
+
+thread_local! {
+    static HOME: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Tells the pool which home the calling thread serves (0 until told).
+pub fn set_home(home: usize) {
+    HOME.set(home);
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct PoolLimits {
@@ -84,6 +99,8 @@ struct HostState {
 pub struct Upstream {
     pub stream: TcpStream,
     pub buf: ReadBuf,
+    /// The home of the thread that opened it.
+    home: usize,
 }
 
 #[derive(Debug)]
@@ -114,8 +131,12 @@ impl Pool {
         })
     }
 
-    /// Has `watch` called with each connection opened from now on (once per pool).
-    pub fn watch_opened(&self, watch: impl Fn(RawFd) -> io::Result<()> + Send + Sync + 'static) {
+    /// Has `watch` called with each connection opened from now on, and the
+    /// opener's home (once per pool).
+    pub fn watch_opened(
+        &self,
+        watch: impl Fn(RawFd, usize) -> io::Result<()> + Send + Sync + 'static,
+    ) {
         if self.on_open.set(Box::new(watch)).is_err() {
             log::error!("the pool's connections are already watched");
         }
@@ -176,7 +197,7 @@ impl Pool {
         let mut state = host.state.lock();
         loop {
             if reuse != Reuse::Never {
-                while let Some((conn, since)) = state.idle.pop() {
+                while let Some((conn, since)) = state.take_idle(HOME.get()) {
                     // The liveness check is a syscall: not under the lock.
                     drop(state);
                     let fresh_enough = since.elapsed() < self.limits.idle_timeout;
@@ -224,12 +245,14 @@ impl Pool {
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(self.limits.read_timeout))?;
         stream.set_write_timeout(Some(self.limits.write_timeout))?;
+        let home = HOME.get();
         if let Some(watch) = self.on_open.get() {
-            watch(stream.as_raw_fd())?;
+            watch(stream.as_raw_fd(), home)?;
         }
         Ok(Upstream {
             stream,
             buf: ReadBuf::default(),
+            home,
         })
     }
 
@@ -248,6 +271,23 @@ impl Pool {
                 self.evictions.fetch_add(evicted as u64, Relaxed);
                 host.freed.notify_all();
             }
+        }
+    }
+}
+
+impl HostState {
+    /// The most recently used idle connection of `home` (among the few most
+    /// recent: a long stack of others' is not worth scanning), or else the
+    /// most recent of any.
+    fn take_idle(&mut self, home: usize) -> Option<(Upstream, Instant)> {
+        const LOOK: usize = 32;
+        let recent = self.idle.len().saturating_sub(LOOK);
+        match self.idle[recent..]
+            .iter()
+            .rposition(|(conn, _)| conn.home == home)
+        {
+            Some(at) => Some(self.idle.remove(recent + at)),
+            None => self.idle.pop(),
         }
     }
 }
@@ -285,6 +325,14 @@ impl Pooled {
             .as_ref()
             .expect("connection present until released")
             .stream
+    }
+
+    /// The home it is watched in.
+    pub fn home(&self) -> usize {
+        self.conn
+            .as_ref()
+            .expect("connection present until released")
+            .home
     }
 
     pub fn conn(&mut self) -> &mut Upstream {

@@ -210,6 +210,32 @@ fn a_worker_held_by_a_stalled_upload_is_replaced_while_the_others_keep_serving()
 }
 
 #[test]
+fn a_helper_ends_once_the_worker_it_stood_in_for_is_free() {
+    // A helper shares its home's connections with that home's own worker
+    // while it is held; after that, two threads would only take turns with
+    // them. It must end at its next event, not after idling for two seconds
+    // (which steady traffic would never let it do).
+    let backend = Backend::start(|req| response(200, &[], &req.body));
+    let proxy = two_worker_proxy(&backend);
+    let mut upload = Client::connect(proxy.addr);
+    upload.send("PUT / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nfirst");
+    let until = Instant::now() + Duration::from_secs(3);
+    while worker_threads(proxy.pid()) < 3 {
+        assert!(Instant::now() < until, "no helper started");
+        thread::sleep(Duration::from_millis(10));
+    }
+    upload.send("-half");
+    assert_eq!(upload.response().text(), "first-half");
+    let until = Instant::now() + Duration::from_millis(1500);
+    while worker_threads(proxy.pid()) > 2 {
+        assert!(Instant::now() < until, "the helper stayed");
+        // Connections take the homes in turn: these reach the helper's too.
+        assert_eq!(get(proxy.addr, "/").status, 200);
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
 fn slow_heads_and_waiting_pipelines_hold_only_their_bytes() {
     let _turn = many_sockets();
     // A connection parked mid-head, or waiting upstream with its next request

@@ -8,6 +8,36 @@ use std::time::Duration;
 use common::*;
 
 #[test]
+fn clients_of_different_workers_share_pooled_upstream_connections() {
+    // Each worker has its own event loop, and connections take them in turn:
+    // these two clients are served by different workers. The second finds
+    // only the first's idle upstream connection, whose reply is announced in
+    // the first's loop; it must still get its answer on that connection.
+    let backend = Backend::ok("shared");
+    let proxy = Proxy::with(
+        backend.addr,
+        Conf {
+            server: "workers = 2",
+            ..Conf::default()
+        },
+    );
+    let mut first = Client::connect(proxy.addr);
+    let mut second = Client::connect(proxy.addr);
+    for _ in 0..5 {
+        for client in [&mut first, &mut second] {
+            client.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+            assert_eq!(client.response().text(), "shared");
+        }
+    }
+    assert_eq!(
+        backend
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+}
+
+#[test]
 fn curl_gets_the_backend_response_with_request_id_and_via() {
     let backend = Backend::ok("hello");
     let proxy = Proxy::start(backend.addr);

@@ -61,7 +61,7 @@ impl ReadBuf {
     pub fn read_from(&mut self, src: &mut impl Read) -> io::Result<usize> {
         if self.bytes.len() < READ_SIZE {
             // No storage, or only the leftover `release` kept: a full buffer again.
-            let mut storage = SPARE.lock().pop().unwrap_or_else(|| vec![0; READ_SIZE]);
+            let mut storage = spare::take();
             let kept = self.end - self.start;
             storage[..kept].copy_from_slice(self.filled());
             self.bytes = storage;
@@ -103,10 +103,8 @@ impl ReadBuf {
     /// Gives up the storage of a buffer that holds little, so a connection
     /// that idles or waits costs little memory: bytes still unread (part of a
     /// head, a pipelined request) move to an allocation of their own size.
-    /// A full-size buffer goes to a shared list of spares for the next
-    /// connection that has bytes to read: no allocation or zeroing per request.
-    /// Shared rather than per thread, because the worker that parks a
-    /// connection is often not the one that read its request.
+    /// A full-size buffer goes to the spares for the next connection that
+    /// has bytes to read: no allocation or zeroing per request.
     pub fn release(&mut self) {
         let kept = self.end - self.start;
         if self.bytes.len() < READ_SIZE || kept > MAX_KEPT {
@@ -117,10 +115,7 @@ impl ReadBuf {
         self.start = 0;
         self.end = kept;
         if storage.len() == READ_SIZE {
-            let mut spare = SPARE.lock();
-            if spare.len() < MAX_SPARE {
-                spare.push(storage);
-            }
+            spare::give_back(storage);
         }
     }
 }
@@ -149,10 +144,47 @@ impl Read for Arrived<'_> {
 /// A buffer released with more unread bytes than this keeps its storage.
 const MAX_KEPT: usize = READ_SIZE / 4;
 
-/// Spare buffers kept at most: enough for every worker to be reading at once.
-const MAX_SPARE: usize = 256;
+/// Full-size read buffers not in use. Each thread keeps a few of its own, so
+/// the usual take and give-back touch nothing another core holds (a shared
+/// list cost two contended locks per read buffer); a shared list evens out
+/// threads that take more than they give back, or the other way round.
+mod spare {
+    use std::cell::RefCell;
 
-static SPARE: parking_lot::Mutex<Vec<Vec<u8>>> = parking_lot::Mutex::new(Vec::new());
+    use super::READ_SIZE;
+
+    /// Kept per thread: a worker holds a client's and an upstream's buffer at most.
+    const PER_THREAD: usize = 4;
+    /// Kept in the shared list at most: enough for every worker to be reading at once.
+    const SHARED: usize = 256;
+
+    thread_local! {
+        static MINE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    }
+    static SHARED_SPARES: parking_lot::Mutex<Vec<Vec<u8>>> = parking_lot::Mutex::new(Vec::new());
+
+    pub fn take() -> Vec<u8> {
+        MINE.with_borrow_mut(Vec::pop)
+            .or_else(|| SHARED_SPARES.lock().pop())
+            .unwrap_or_else(|| vec![0; READ_SIZE])
+    }
+
+    pub fn give_back(storage: Vec<u8>) {
+        let Some(storage) = MINE.with_borrow_mut(|mine| {
+            if mine.len() < PER_THREAD {
+                mine.push(storage);
+                return None;
+            }
+            Some(storage)
+        }) else {
+            return;
+        };
+        let mut shared = SHARED_SPARES.lock();
+        if shared.len() < SHARED {
+            shared.push(storage);
+        }
+    }
+}
 
 /// Why a body could not be read to its end.
 #[derive(Debug)]

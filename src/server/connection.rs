@@ -34,6 +34,8 @@ pub struct Conn {
     /// Its place within `max_connections`; `None` when accepted beyond it,
     /// to be answered 503 and closed.
     pub slot: Option<OpenSlot>,
+    /// The worker's epoll set it was accepted into, and stays in.
+    pub home: usize,
 }
 
 impl Conn {

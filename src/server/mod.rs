@@ -1,11 +1,19 @@
-//! The threaded server: a pool of workers sharing one epoll set.
+//! The threaded server: a pool of workers, each with its own epoll set.
 //!
-//! Each worker loops on [`Reactor::wait`]. The listener's event makes a worker
-//! accept every pending connection and park it; a client's event makes a
-//! worker take that connection and serve what has arrived
-//! ([`connection::serve`]), then park it again or close it. A housekeeping
-//! thread closes idle connections past their deadline and stale pooled ones,
-//! and hands upstream waits past theirs to the workers (it never serves).
+//! Each worker loops on [`Reactor::wait`] of its own set, its *home*. The
+//! listener, in every set, makes a worker accept pending connections and
+//! park each in a home, in turn; a connection stays in its home's set for
+//! life, and so does every upstream connection the home's worker opens. A client's event makes the worker
+//! take that connection and serve what has arrived ([`connection::serve`]),
+//! then park it again or close it. So one exchange stays on one thread, and
+//! its state in one core's cache: sharing one set among all workers let any
+//! of them take the upstream's answer, which cost 2–3 µs of CPU per request
+//! in cache misses and cross-core wake-ups.
+//!
+//! A housekeeping thread closes idle connections past their deadline and
+//! stale pooled ones, hands upstream waits past theirs to the workers (it
+//! never serves), and starts a helper on a home whose worker is held by a
+//! slow body or reader.
 
 mod connection;
 mod downstream;
@@ -39,11 +47,15 @@ use reactor::{Reactor, Ready};
 const LISTENER: u64 = 0;
 /// Workers block on upstream I/O, so their stacks stay small and many.
 const WORKER_STACK: usize = 256 * 1024;
-const HOUSEKEEPING_TICK: Duration = Duration::from_millis(100);
+/// How often housekeeping looks for held workers: a home whose worker is
+/// held waits up to two ticks for a helper.
+const HOUSEKEEPING_TICK: Duration = Duration::from_millis(25);
+/// Ticks between sweeps for expired connections (and log flushes).
+const SWEEP_EVERY: u64 = 4;
 /// Events one worker takes per `epoll_wait`. One: a worker may block on a
 /// request body or a slow reader, and events it had taken with that one could
-/// not go to any other worker meanwhile (each is reported once), so they
-/// would wait too.
+/// not go to a helper meanwhile (each is reported once), so they would wait
+/// too.
 const EVENTS_PER_WAIT: usize = 1;
 
 /// What every worker shares.
@@ -56,12 +68,13 @@ pub struct Shared {
     write_timeout: Duration,
     max_connections: usize,
     shutting_down: AtomicBool,
+    /// Each worker's epoll set, indexed by home.
+    reactors: Arc<[Reactor]>,
+    /// The home the next accepted connection gets (modulo their number).
+    next_home: AtomicUsize,
     /// Client connections within `max_connections` (over-limit ones are not counted).
     open: Arc<AtomicUsize>,
-    /// Connections a worker is serving right now.
-    busy: AtomicUsize,
     workers: Workers,
-    reactor: Arc<Reactor>,
     parked: Parked,
     listener: TcpListener,
     pool: Arc<Pool>,
@@ -79,11 +92,21 @@ impl Server {
     /// Builds the pipeline from the built-in modules plus `extra` stages
     /// (script modules, plugins), binds the listener and starts the workers.
     pub fn start(config: &Config, extra: Vec<Stage>) -> Result<Server, Box<dyn std::error::Error>> {
+        let s = &config.server;
+        let homes = match s.workers {
+            0 => thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n.into(),
+        };
+        let reactors: Arc<[Reactor]> = (0..homes)
+            .map(|_| Reactor::new())
+            .collect::<io::Result<_>>()?;
         let pool = Pool::new(PoolLimits::from_config(config));
-        let reactor = Arc::new(Reactor::new()?);
-        // Upstream connections are watched for life, from when the pool opens them.
-        let watcher = reactor.clone();
-        pool.watch_opened(move |fd| watcher.add_edge(fd, parked::upstream_token(fd)));
+        // Upstream connections are watched for life, in the set of the worker
+        // that opens them (the pool hands them back to that worker first).
+        let watchers = reactors.clone();
+        pool.watch_opened(move |fd, home| {
+            watchers[home].add_edge(fd, parked::upstream_token(fd, home))
+        });
         let upstreams = Upstreams::from_config(config)?;
         let services = Services::default();
         let mut stages = modules::build_all(
@@ -106,9 +129,10 @@ impl Server {
         // SAFETY: listen(2) on a socket we own.
         unsafe { libc::listen(listener.as_raw_fd(), 4096) };
         let local_addr = listener.local_addr()?;
-        reactor.add(listener.as_raw_fd(), LISTENER)?;
+        for reactor in reactors.iter() {
+            reactor.add_listener(listener.as_raw_fd(), LISTENER)?;
+        }
 
-        let s = &config.server;
         let shared = Arc::new(Shared {
             pipeline,
             limits: Limits {
@@ -123,25 +147,21 @@ impl Server {
             write_timeout: s.write_timeout.0,
             max_connections: s.max_connections.get(),
             shutting_down: AtomicBool::new(false),
+            reactors,
+            next_home: AtomicUsize::new(0),
             open: Arc::new(AtomicUsize::new(0)),
-            busy: AtomicUsize::new(0),
             workers: Workers {
-                min: match s.workers {
-                    0 => thread::available_parallelism().map_or(1, |n| n.get()),
-                    n => n,
-                },
                 max: s.max_workers.get(),
                 running: AtomicUsize::new(0),
                 tick: AtomicU64::new(1),
                 stamps: Mutex::new(Vec::new()),
             },
-            reactor,
-            parked: Parked::new(),
+            parked: Parked::new(homes),
             listener,
             pool,
         });
-        for _ in 0..shared.workers.min {
-            spawn_worker(&shared, false)?;
+        for home in 0..homes {
+            spawn_worker(&shared, home, false)?;
         }
         let housekeeper = shared.clone();
         thread::Builder::new()
@@ -158,7 +178,7 @@ impl Server {
         log::info!(
             "listening on {local_addr}, forwarding to {} with {} workers; pipeline: {}",
             s.backend_addr,
-            shared.workers.min,
+            homes,
             stages.join(" → ")
         );
         Ok(Server {
@@ -188,13 +208,18 @@ impl Server {
     pub fn shutdown(&self, timeout: Duration) {
         let shared = &self.shared;
         shared.shutting_down.store(true, Relaxed);
-        let _ = shared.reactor.remove(shared.listener.as_raw_fd());
+        for reactor in shared.reactors.iter() {
+            let _ = reactor.remove(shared.listener.as_raw_fd());
+        }
         // SAFETY: shutdown(2) on our listening socket: new connections are refused.
         unsafe { libc::shutdown(shared.listener.as_raw_fd(), libc::SHUT_RDWR) };
         let deadline = Instant::now() + timeout;
         loop {
             drop(shared.parked.drain_clients());
-            let busy = shared.busy.load(Relaxed) + shared.parked.suspended();
+            // Suspended first: a worker stamps itself busy before it takes
+            // one, and the shard's lock makes that stamp visible here.
+            let suspended = shared.parked.suspended();
+            let busy = suspended + shared.workers.busy();
             if busy == 0 {
                 log::info!("shutdown complete");
                 return;
@@ -208,75 +233,114 @@ impl Server {
     }
 }
 
-/// The worker pool's size. `min` workers always run, one per core by
+/// The worker pool. One worker per home always runs, one home per core by
 /// default: more would only contend for the cores (and show in tail latency).
 /// Reading a request body or writing to a slow client still holds a worker,
-/// so whenever fewer than `min` workers are free of such a wait (one event
-/// held for over a housekeeping tick), another is started, up to `max`; an
-/// extra worker that finds nothing to do for `EXTRA_WORKER_IDLE` ends.
+/// so when every worker of a home is held by such a wait (one event for over
+/// a housekeeping tick), a helper is started there, up to `max` workers in
+/// all. A helper ends once its home has another worker free again, or when
+/// it finds nothing to do for `EXTRA_WORKER_IDLE`.
 struct Workers {
-    min: usize,
     max: usize,
     running: AtomicUsize,
     /// Housekeeping ticks, from 1: the clock workers stamp their events with.
     tick: AtomicU64,
-    /// Each running worker's stamp: the tick its current event began, 0 while it waits.
-    stamps: Mutex<Vec<Arc<AtomicU64>>>,
+    /// Each running worker's home and stamp: the tick its current event
+    /// began, 0 while it waits.
+    stamps: Mutex<Vec<(usize, Arc<AtomicU64>)>>,
 }
 
 impl Workers {
-    /// Workers held by one event since before the last tick.
-    fn stuck(&self) -> usize {
+    /// Workers serving an event now. Read from their stamps rather than
+    /// counted per event: a shared counter would bounce between cores twice
+    /// per request.
+    fn busy(&self) -> usize {
+        let stamps = self.stamps.lock();
+        stamps
+            .iter()
+            .filter(|(_, stamp)| stamp.load(Relaxed) != 0)
+            .count()
+    }
+
+    /// Advances the clock (returning it) and the homes whose every worker has
+    /// been held by one event since before the last tick.
+    fn stuck_homes(&self, homes: usize) -> (u64, Vec<usize>) {
         let now = self.tick.fetch_add(1, Relaxed) + 1;
+        let mut free = vec![false; homes];
+        for (home, stamp) in self.stamps.lock().iter() {
+            free[*home] |= !held(stamp, now);
+        }
+        (now, (0..homes).filter(|&home| !free[home]).collect())
+    }
+
+    /// Whether `home` has a worker other than `me` that is not held.
+    fn other_free(&self, home: usize, me: &Arc<AtomicU64>) -> bool {
+        let now = self.tick.load(Relaxed);
         self.stamps
             .lock()
             .iter()
-            .map(|stamp| stamp.load(Relaxed))
-            .filter(|&began| began != 0 && began + 2 <= now)
-            .count()
+            .any(|(h, stamp)| *h == home && !Arc::ptr_eq(stamp, me) && !held(stamp, now))
     }
+
+    fn join(&self, home: usize) -> Arc<AtomicU64> {
+        let stamp = Arc::new(AtomicU64::new(0));
+        self.stamps.lock().push((home, stamp.clone()));
+        stamp
+    }
+
+    fn leave(&self, me: &Arc<AtomicU64>) {
+        self.running.fetch_sub(1, Relaxed);
+        self.stamps
+            .lock()
+            .retain(|(_, stamp)| !Arc::ptr_eq(stamp, me));
+    }
+}
+
+/// A worker whose event began before the last tick.
+fn held(stamp: &AtomicU64, now: u64) -> bool {
+    let began = stamp.load(Relaxed);
+    began != 0 && began + 2 <= now
 }
 
 const EXTRA_WORKER_IDLE: i32 = 2000;
 
-fn spawn_worker(shared: &Arc<Shared>, extra: bool) -> io::Result<()> {
+fn spawn_worker(shared: &Arc<Shared>, home: usize, extra: bool) -> io::Result<()> {
     let n = shared.workers.running.fetch_add(1, Relaxed);
     let worker_shared = shared.clone();
     let spawned = thread::Builder::new()
         .name(format!("worker-{n}"))
         .stack_size(WORKER_STACK)
-        .spawn(move || worker(&worker_shared, extra));
+        .spawn(move || worker(&worker_shared, home, extra));
     if spawned.is_err() {
         shared.workers.running.fetch_sub(1, Relaxed);
     }
     spawned.map(drop)
 }
 
-fn worker(shared: &Arc<Shared>, extra: bool) {
+fn worker(shared: &Arc<Shared>, home: usize, extra: bool) {
     let mut events = [libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_WAIT];
     let timeout = if extra { EXTRA_WORKER_IDLE } else { -1 };
-    let stamp = Arc::new(AtomicU64::new(0));
-    shared.workers.stamps.lock().push(stamp.clone());
+    let stamp = shared.workers.join(home);
+    crate::pool::set_home(home);
+    let reactor = &shared.reactors[home];
     loop {
-        match shared.reactor.wait(&mut events, timeout) {
-            Ok(ready) if ready.len() > 0 => ready.for_each(|ready| {
-                stamp.store(shared.workers.tick.load(Relaxed), Relaxed);
-                on_event(shared, ready);
-                stamp.store(0, Relaxed);
-            }),
-            Ok(_) => {
-                // Idle extra worker: end, unless that would go below the minimum.
-                let running = &shared.workers.running;
-                if running
-                    .fetch_update(Relaxed, Relaxed, |n| {
-                        (n > shared.workers.min).then(|| n - 1)
-                    })
-                    .is_ok()
-                {
-                    let mut stamps = shared.workers.stamps.lock();
-                    stamps.retain(|s| !Arc::ptr_eq(s, &stamp));
+        match reactor.wait(&mut events, timeout) {
+            Ok(ready) if ready.len() > 0 => {
+                ready.for_each(|ready| {
+                    stamp.store(shared.workers.tick.load(Relaxed), Relaxed);
+                    on_event(shared, home, ready);
+                    stamp.store(0, Relaxed);
+                });
+                // Two threads on one home would take turns with its
+                // connections, and their state would move between cores.
+                if extra && shared.workers.other_free(home, &stamp) {
+                    shared.workers.leave(&stamp);
                     return;
                 }
+            }
+            Ok(_) => {
+                shared.workers.leave(&stamp);
+                return;
             }
             Err(e) => {
                 log::error!("epoll_wait failed: {e}");
@@ -286,7 +350,7 @@ fn worker(shared: &Arc<Shared>, extra: bool) {
     }
 }
 
-fn on_event(shared: &Shared, ready: Ready) {
+fn on_event(shared: &Shared, home: usize, ready: Ready) {
     if ready.token == LISTENER {
         accept_pending(shared);
         return;
@@ -294,7 +358,6 @@ fn on_event(shared: &Shared, ready: Ready) {
     let Some(mut waiting) = shared.parked.take(ready) else {
         return; // expired, drained, or busy (then marked) between the event and now
     };
-    shared.busy.fetch_add(1, Relaxed);
     loop {
         let client = waiting.client_token();
         let next = catch_unwind(AssertUnwindSafe(|| match waiting {
@@ -305,7 +368,7 @@ fn on_event(shared: &Shared, ready: Ready) {
             }
         }));
         let again = match next {
-            Ok(next) => settle(shared, client, next),
+            Ok(next) => settle(shared, home, client, next),
             Err(_) => {
                 log::error!("a connection handler panicked; connection closed, worker continues");
                 shared.parked.close(client);
@@ -317,14 +380,13 @@ fn on_event(shared: &Shared, ready: Ready) {
             None => break,
         }
     }
-    shared.busy.fetch_sub(1, Relaxed);
 }
 
 /// Puts a served connection where its `Next` says. Returns it instead when
 /// it has more to do at once: bytes (or the end) may be left in its socket,
 /// or an event came for it while it was busy (edge-triggered sockets report
 /// each once).
-fn settle(shared: &Shared, client: u64, next: Next) -> Option<Waiting> {
+fn settle(shared: &Shared, home: usize, client: u64, next: Next) -> Option<Waiting> {
     match next {
         Next::Park(conn, _) if !conn.buf.drained() || conn.hung_up => Some(Waiting::Client(conn)),
         Next::Park(conn, deadline) if !shared.shutting_down.load(Relaxed) => {
@@ -333,7 +395,7 @@ fn settle(shared: &Shared, client: u64, next: Next) -> Option<Waiting> {
         // In flight: finishes even during shutdown.
         Next::Suspend(conn, suspended) => shared
             .parked
-            .suspend(conn, suspended, &shared.reactor)
+            .suspend(conn, suspended, (home, &shared.reactors[home]))
             .map(|(conn, suspended)| Waiting::Upstream(conn, suspended)),
         Next::Park(..) | Next::Close => {
             shared.parked.close(client);
@@ -342,11 +404,15 @@ fn settle(shared: &Shared, client: u64, next: Next) -> Option<Waiting> {
     }
 }
 
+/// Accepts every pending connection, giving each a home in turn: whichever
+/// worker happens to accept (an idle one, usually), connections spread evenly
+/// over the workers.
 fn accept_pending(shared: &Shared) {
     loop {
         match shared.listener.accept() {
             Ok((stream, peer)) => {
-                if let Err(e) = admit(shared, stream, peer) {
+                let home = shared.next_home.fetch_add(1, Relaxed) % shared.reactors.len();
+                if let Err(e) = admit(shared, home, stream, peer) {
                     log::warn!("{peer}: cannot set up connection: {e}");
                 }
             }
@@ -360,14 +426,9 @@ fn accept_pending(shared: &Shared) {
             }
         }
     }
-    if !shared.shutting_down.load(Relaxed) {
-        if let Err(e) = shared.reactor.rearm(shared.listener.as_raw_fd(), LISTENER) {
-            log::error!("cannot re-arm the listener: {e}");
-        }
-    }
 }
 
-fn admit(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> io::Result<()> {
+fn admit(shared: &Shared, home: usize, stream: TcpStream, peer: SocketAddr) -> io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(shared.body_timeout))?;
     stream.set_write_timeout(Some(shared.write_timeout))?;
@@ -376,14 +437,15 @@ fn admit(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> io::Result<()>
         stream,
         peer,
         buf: Default::default(),
-        token: shared.parked.new_token(),
+        token: shared.parked.new_token(home),
         hung_up: false,
         head_deadline: None,
         slot,
+        home,
     };
     // A new connection may stay silent for header_timeout.
     let deadline = Instant::now() + shared.header_timeout;
-    shared.parked.admit(conn, deadline, &shared.reactor);
+    shared.parked.admit(conn, deadline, &shared.reactors[home]);
     Ok(())
 }
 
@@ -407,21 +469,27 @@ impl Drop for OpenSlot {
 fn housekeeping(shared: &Arc<Shared>) {
     loop {
         thread::sleep(HOUSEKEEPING_TICK);
-        let running = shared.workers.running.load(Relaxed);
-        let stuck = shared.workers.stuck();
-        if running - stuck.min(running) < shared.workers.min && running < shared.workers.max {
+        let (tick, stuck) = shared.workers.stuck_homes(shared.reactors.len());
+        for home in stuck {
+            if shared.workers.running.load(Relaxed) >= shared.workers.max {
+                break;
+            }
             log::debug!(
-                "{stuck} of {running} workers held by slow bodies or readers; starting another"
+                "every worker of home {home} held by a slow body or reader; starting a helper"
             );
-            if let Err(e) = spawn_worker(shared, true) {
+            if let Err(e) = spawn_worker(shared, home, true) {
                 log::error!("cannot start a worker: {e}");
             }
+        }
+        if tick % SWEEP_EVERY != 0 {
+            continue;
         }
         for waiting in shared.parked.expired(Instant::now()) {
             match waiting {
                 Waiting::Client(conn) => conn.expire(),
                 Waiting::Upstream(conn, suspended) => {
-                    shared.parked.time_out(conn, suspended, &shared.reactor)
+                    let home = &shared.reactors[conn.home];
+                    shared.parked.time_out(conn, suspended, home)
                 }
                 Waiting::TimedOut(..) => unreachable!("expired() leaves hand-overs to the workers"),
             }

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
 
 use parking_lot::Mutex;
@@ -22,16 +22,24 @@ use super::connection::{Conn, Suspended};
 use super::reactor::{Reactor, Ready};
 use crate::pipeline::{Signal, WaitOn};
 
-/// Sharded so workers parking and taking different connections rarely meet on one lock.
+/// Shards per home. Each home (a worker's epoll set) has its own, since a
+/// token's slot is mostly taken and parked by that home's worker: the locks
+/// and slots stay in its core's cache. Within a home, sharded so a helper
+/// worker rarely meets the worker on one lock.
 const SHARDS: usize = 16;
 
-/// Tokens of pooled upstream connections: this bit and the descriptor, so a
-/// connection keeps its token from pool to pool-mate without any bookkeeping.
+/// A token's low bits say which home its events come to.
+const HOME_BITS: u32 = 16;
+pub const MAX_HOMES: usize = 1 << HOME_BITS;
+
+/// Tokens of pooled upstream connections: this bit, the descriptor and the
+/// home, so a connection keeps its token from pool to pool-mate without any
+/// bookkeeping.
 const UPSTREAM: u64 = 1 << 63;
 
-/// The token a pooled upstream connection is registered with.
-pub fn upstream_token(fd: RawFd) -> u64 {
-    UPSTREAM | fd as u64
+/// The token a pooled upstream connection is registered with in `home`.
+pub fn upstream_token(fd: RawFd, home: usize) -> u64 {
+    UPSTREAM | (fd as u64) << HOME_BITS | home as u64
 }
 
 pub enum Waiting {
@@ -100,28 +108,35 @@ impl Hasher for TokenHash {
 type Slots = HashMap<u64, Slot, BuildHasherDefault<TokenHash>>;
 
 pub struct Parked {
-    shards: [Mutex<Slots>; SHARDS],
+    /// `SHARDS` per home, home by home.
+    shards: Box<[Mutex<Slots>]>,
     next_token: AtomicU64,
-    /// Exchanges in flight while suspended: shutdown waits for them.
-    suspended: AtomicUsize,
 }
 
 impl Parked {
-    pub fn new() -> Parked {
+    pub fn new(homes: usize) -> Parked {
+        assert!(
+            (1..=MAX_HOMES).contains(&homes),
+            "homes within a token's bits"
+        );
         Parked {
-            shards: std::array::from_fn(|_| Mutex::new(Slots::default())),
+            shards: (0..homes * SHARDS)
+                .map(|_| Mutex::new(Slots::default()))
+                .collect(),
             // Tokens below this are reserved (the listener's).
-            next_token: AtomicU64::new(16),
-            suspended: AtomicUsize::new(0),
+            next_token: AtomicU64::new(1),
         }
     }
 
-    pub fn new_token(&self) -> u64 {
-        self.next_token.fetch_add(1, Relaxed)
+    /// A token whose events come to `home`.
+    pub fn new_token(&self, home: usize) -> u64 {
+        self.next_token.fetch_add(1, Relaxed) << HOME_BITS | home as u64
     }
 
     fn shard(&self, token: u64) -> &Mutex<Slots> {
-        &self.shards[token as usize % SHARDS]
+        let home = (token & ((1 << HOME_BITS) - 1)) as usize;
+        let within = (token >> HOME_BITS) as usize % SHARDS;
+        &self.shards[home * SHARDS + within]
     }
 
     /// Parks a newly accepted connection and registers its socket for life.
@@ -158,30 +173,30 @@ impl Parked {
 
     /// Waits for the upstream's response; the client stays busy meanwhile.
     /// Gives the exchange back if its pooled connection already had an event.
+    /// A descriptor that is not a pooled connection is watched in `home`.
     pub fn suspend(
         &self,
         conn: Conn,
         suspended: Box<Suspended>,
-        reactor: &Reactor,
+        home: (usize, &Reactor),
     ) -> Option<(Conn, Box<Suspended>)> {
         let deadline = suspended.deadline;
         match suspended.wait_on() {
-            WaitOn::Pooled(fd) => {
-                let token = upstream_token(fd);
+            WaitOn::Pooled { fd, home } => {
+                let token = upstream_token(fd, home);
                 let mut shard = self.shard(token).lock();
                 if let Some(Slot::Busy(_)) = shard.get(&token) {
                     shard.remove(&token);
                     return Some((conn, suspended));
                 }
-                self.suspended.fetch_add(1, Relaxed);
                 shard.insert(
                     token,
                     Slot::Parked(Waiting::Upstream(conn, suspended), deadline),
                 );
             }
             WaitOn::Fd(fd) => {
-                let token = self.new_token();
-                self.suspended.fetch_add(1, Relaxed);
+                let (home, reactor) = home;
+                let token = self.new_token(home);
                 self.store(
                     token,
                     Slot::Parked(Waiting::Upstream(conn, suspended), deadline),
@@ -195,7 +210,8 @@ impl Parked {
         None
     }
 
-    /// Hands an upstream wait whose deadline passed over to the workers.
+    /// Hands an upstream wait whose deadline passed over to the workers of
+    /// the client's home.
     pub fn time_out(&self, conn: Conn, suspended: Box<Suspended>, reactor: &Reactor) {
         let signal = match Signal::new() {
             Ok(signal) => signal,
@@ -209,9 +225,8 @@ impl Parked {
             }
         };
         signal.notify();
-        let token = self.new_token();
+        let token = self.new_token(conn.home);
         let fd = signal.fd();
-        self.suspended.fetch_add(1, Relaxed);
         let timed_out = Waiting::TimedOut(conn, suspended, signal);
         self.store(token, Slot::Parked(timed_out, Instant::now()));
         if let Err(e) = reactor.add(fd, token) {
@@ -224,7 +239,7 @@ impl Parked {
     fn abandon(&self, token: u64) {
         let dropped = self.shard(token).lock().remove(&token);
         if let Some(Slot::Parked(waiting, _)) = dropped {
-            self.close(self.leaving(waiting).client_token());
+            self.close(waiting.client_token());
         }
     }
 
@@ -270,14 +285,7 @@ impl Parked {
         if let Waiting::Client(conn) = &mut waiting {
             conn.hung_up |= ready.hung_up;
         }
-        Some(self.leaving(waiting))
-    }
-
-    fn leaving(&self, waiting: Waiting) -> Waiting {
-        if matches!(waiting, Waiting::Upstream(..) | Waiting::TimedOut(..)) {
-            self.suspended.fetch_sub(1, Relaxed);
-        }
-        waiting
+        Some(waiting)
     }
 
     /// Removes and returns every client or upstream wait whose deadline has
@@ -304,15 +312,32 @@ impl Parked {
                 .collect();
             for token in tokens {
                 if let Some(Slot::Parked(waiting, _)) = map.remove(&token) {
-                    out.push(self.leaving(waiting));
+                    out.push(waiting);
                 }
             }
         }
         out
     }
 
-    /// Exchanges waiting for an upstream right now.
+    /// Exchanges waiting for an upstream right now. Counted when asked (at
+    /// shutdown), not kept per wait: a shared count would bounce between
+    /// cores twice per request.
     pub fn suspended(&self) -> usize {
-        self.suspended.load(Relaxed)
+        let waits_upstream = |slot: &Slot| {
+            matches!(
+                slot,
+                Slot::Parked(Waiting::Upstream(..) | Waiting::TimedOut(..), _)
+            )
+        };
+        self.shards
+            .iter()
+            .map(|shard| {
+                shard
+                    .lock()
+                    .values()
+                    .filter(|slot| waits_upstream(slot))
+                    .count()
+            })
+            .sum()
     }
 }

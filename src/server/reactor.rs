@@ -1,11 +1,11 @@
-//! One epoll set shared by every worker.
+//! A worker's epoll set.
 //!
-//! An event goes to exactly one waiting worker, so the thread that wakes is
-//! the thread that serves (no hand-off), and an idle keep-alive connection
+//! An event goes to one waiting thread of the set, so the thread that wakes
+//! is the thread that serves (no hand-off), and an idle keep-alive connection
 //! costs a registry entry, not a thread. Client sockets and pooled upstream
 //! connections are registered edge-triggered for life (see `parked` for how
-//! an event for a busy socket is kept); the listener and one-off waits
-//! (signals, timers) are registered one-shot and re-armed.
+//! an event for a busy socket is kept); one-off waits (signals, timers)
+//! are registered one-shot and re-armed.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -38,6 +38,18 @@ impl Reactor {
         Ok(Reactor {
             epoll: unsafe { OwnedFd::from_raw_fd(fd) },
         })
+    }
+
+    /// Watches a listening socket that every worker's set watches: readable
+    /// as long as connections are pending, and an arrival wakes one waiting
+    /// worker, not all of them.
+    pub fn add_listener(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        self.ctl(
+            libc::EPOLL_CTL_ADD,
+            fd,
+            token,
+            libc::EPOLLIN | libc::EPOLLEXCLUSIVE,
+        )
     }
 
     /// Watches `fd` for one readable event carrying `token`.
