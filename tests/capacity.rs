@@ -236,6 +236,36 @@ fn a_helper_ends_once_the_worker_it_stood_in_for_is_free() {
 }
 
 #[test]
+fn events_taken_with_a_blocking_one_go_to_the_helper() {
+    // A worker takes several events per wait. Stopped while a stalled
+    // upload and a plain GET arrive, the single worker wakes to both at once
+    // and blocks on the upload's body; the GET must not wait with it for the
+    // body timeout, but go to the helper that takes over the worker's home.
+    let backend = Backend::start(|req| response(200, &[], &req.body));
+    let proxy = Proxy::with(
+        backend.addr,
+        Conf {
+            server: "workers = 1\nbody_timeout = \"10s\"",
+            ..Conf::default()
+        },
+    );
+    let mut upload = Client::connect(proxy.addr);
+    let mut plain = Client::connect(proxy.addr);
+    thread::sleep(Duration::from_millis(200)); // both accepted and parked
+    proxy.signal("STOP");
+    upload.send("PUT / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nab");
+    plain.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+    thread::sleep(Duration::from_millis(100));
+    let started = Instant::now();
+    proxy.signal("CONT");
+    assert_eq!(plain.response().status, 200);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "the GET waited {took:?}");
+    upload.send("cdefghij");
+    assert_eq!(upload.response().text(), "abcdefghij");
+}
+
+#[test]
 fn slow_heads_and_waiting_pipelines_hold_only_their_bytes() {
     let _turn = many_sockets();
     // A connection parked mid-head, or waiting upstream with its next request

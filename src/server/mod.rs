@@ -20,6 +20,7 @@ mod downstream;
 mod parked;
 mod reactor;
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -52,11 +53,10 @@ const WORKER_STACK: usize = 256 * 1024;
 const HOUSEKEEPING_TICK: Duration = Duration::from_millis(25);
 /// Ticks between sweeps for expired connections (and log flushes).
 const SWEEP_EVERY: u64 = 4;
-/// Events one worker takes per `epoll_wait`. One: a worker may block on a
-/// request body or a slow reader, and events it had taken with that one could
-/// not go to a helper meanwhile (each is reported once), so they would wait
-/// too.
-const EVENTS_PER_WAIT: usize = 1;
+/// Events one worker takes per `epoll_wait`. Those it is not serving yet
+/// wait in its home's backlog, where a helper finds them if the worker is
+/// held by a body or a slow reader (each event is reported only once).
+const EVENTS_PER_WAIT: usize = 32;
 
 /// What every worker shares.
 pub struct Shared {
@@ -70,6 +70,8 @@ pub struct Shared {
     shutting_down: AtomicBool,
     /// Each worker's epoll set, indexed by home.
     reactors: Arc<[Reactor]>,
+    /// Events taken from a home's set and not served yet, indexed by home.
+    backlogs: Box<[Mutex<VecDeque<Ready>>]>,
     /// The home the next accepted connection gets (modulo their number).
     next_home: AtomicUsize,
     /// Client connections within `max_connections` (over-limit ones are not counted).
@@ -148,6 +150,7 @@ impl Server {
             max_connections: s.max_connections.get(),
             shutting_down: AtomicBool::new(false),
             reactors,
+            backlogs: (0..homes).map(|_| Mutex::default()).collect(),
             next_home: AtomicUsize::new(0),
             open: Arc::new(AtomicUsize::new(0)),
             workers: Workers {
@@ -323,14 +326,25 @@ fn worker(shared: &Arc<Shared>, home: usize, extra: bool) {
     let stamp = shared.workers.join(home);
     crate::pool::set_home(home);
     let reactor = &shared.reactors[home];
+    let backlog = &shared.backlogs[home];
+    let serve = |ready| {
+        stamp.store(shared.workers.tick.load(Relaxed), Relaxed);
+        on_event(shared, home, ready);
+        stamp.store(0, Relaxed);
+    };
     loop {
+        let waiting = backlog.lock().pop_front();
+        if let Some(ready) = waiting {
+            serve(ready);
+            continue;
+        }
         match reactor.wait(&mut events, timeout) {
-            Ok(ready) if ready.len() > 0 => {
-                ready.for_each(|ready| {
-                    stamp.store(shared.workers.tick.load(Relaxed), Relaxed);
-                    on_event(shared, home, ready);
-                    stamp.store(0, Relaxed);
-                });
+            Ok(mut ready) if ready.len() > 0 => {
+                let first = ready.next().expect("one event at least");
+                if ready.len() > 0 {
+                    backlog.lock().extend(ready);
+                }
+                serve(first);
                 // Two threads on one home would take turns with its
                 // connections, and their state would move between cores.
                 if extra && shared.workers.other_free(home, &stamp) {
