@@ -571,3 +571,18 @@ impl Drop for UpstreamBody {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::is_hop_by_hop;
+
+    #[test]
+    fn hop_by_hop_names_in_any_case_and_nothing_else() {
+        for name in ["Connection", "keep-alive", "PROXY-CONNECTION", "TE", "Transfer-Encoding", "upgrade"] {
+            assert!(is_hop_by_hop(name.as_bytes()), "{name}");
+        }
+        for name in ["tee", "t", "connections", "keep-alivf", "x-upgrade", "content-length", "transfer-encodinG2", ""] {
+            assert!(!is_hop_by_hop(name.as_bytes()), "{name}");
+        }
+    }
+}
