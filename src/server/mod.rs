@@ -19,13 +19,14 @@ mod connection;
 mod downstream;
 mod parked;
 mod reactor;
+mod workers;
 
 use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -43,6 +44,7 @@ use crate::upstream::Upstreams;
 use connection::{Conn, Next};
 use parked::{Parked, Waiting};
 use reactor::{Reactor, Ready};
+use workers::Workers;
 
 /// The epoll token of the listening socket.
 const LISTENER: u64 = 0;
@@ -153,12 +155,7 @@ impl Server {
             backlogs: (0..homes).map(|_| Mutex::default()).collect(),
             next_home: AtomicUsize::new(0),
             open: Arc::new(AtomicUsize::new(0)),
-            workers: Workers {
-                max: s.max_workers.get(),
-                running: AtomicUsize::new(0),
-                tick: AtomicU64::new(1),
-                stamps: Mutex::new(Vec::new()),
-            },
+            workers: Workers::new(s.max_workers.get()),
             parked: Parked::new(homes),
             listener,
             pool,
@@ -236,101 +233,30 @@ impl Server {
     }
 }
 
-/// The worker pool. One worker per home always runs, one home per core by
-/// default: more would only contend for the cores (and show in tail latency).
-/// Reading a request body or writing to a slow client still holds a worker,
-/// so when every worker of a home is held by such a wait (one event for over
-/// a housekeeping tick), a helper is started there, up to `max` workers in
-/// all. A helper ends once its home has another worker free again, or when
-/// it finds nothing to do for `EXTRA_WORKER_IDLE`.
-struct Workers {
-    max: usize,
-    running: AtomicUsize,
-    /// Housekeeping ticks, from 1: the clock workers stamp their events with.
-    tick: AtomicU64,
-    /// Each running worker's home and stamp: the tick its current event
-    /// began, 0 while it waits.
-    stamps: Mutex<Vec<(usize, Arc<AtomicU64>)>>,
-}
-
-impl Workers {
-    /// Workers serving an event now. Read from their stamps rather than
-    /// counted per event: a shared counter would bounce between cores twice
-    /// per request.
-    fn busy(&self) -> usize {
-        let stamps = self.stamps.lock();
-        stamps
-            .iter()
-            .filter(|(_, stamp)| stamp.load(Relaxed) != 0)
-            .count()
-    }
-
-    /// Advances the clock (returning it) and the homes whose every worker has
-    /// been held by one event since before the last tick.
-    fn stuck_homes(&self, homes: usize) -> (u64, Vec<usize>) {
-        let now = self.tick.fetch_add(1, Relaxed) + 1;
-        let mut free = vec![false; homes];
-        for (home, stamp) in self.stamps.lock().iter() {
-            free[*home] |= !held(stamp, now);
-        }
-        (now, (0..homes).filter(|&home| !free[home]).collect())
-    }
-
-    /// Whether `home` has a worker other than `me` that is not held.
-    fn other_free(&self, home: usize, me: &Arc<AtomicU64>) -> bool {
-        let now = self.tick.load(Relaxed);
-        self.stamps
-            .lock()
-            .iter()
-            .any(|(h, stamp)| *h == home && !Arc::ptr_eq(stamp, me) && !held(stamp, now))
-    }
-
-    fn join(&self, home: usize) -> Arc<AtomicU64> {
-        let stamp = Arc::new(AtomicU64::new(0));
-        self.stamps.lock().push((home, stamp.clone()));
-        stamp
-    }
-
-    fn leave(&self, me: &Arc<AtomicU64>) {
-        self.running.fetch_sub(1, Relaxed);
-        self.stamps
-            .lock()
-            .retain(|(_, stamp)| !Arc::ptr_eq(stamp, me));
-    }
-}
-
-/// A worker whose event began before the last tick.
-fn held(stamp: &AtomicU64, now: u64) -> bool {
-    let began = stamp.load(Relaxed);
-    began != 0 && began + 2 <= now
-}
-
-const EXTRA_WORKER_IDLE: i32 = 2000;
-
 fn spawn_worker(shared: &Arc<Shared>, home: usize, extra: bool) -> io::Result<()> {
-    let n = shared.workers.running.fetch_add(1, Relaxed);
+    let n = shared.workers.starting();
     let worker_shared = shared.clone();
     let spawned = thread::Builder::new()
         .name(format!("worker-{n}"))
         .stack_size(WORKER_STACK)
         .spawn(move || worker(&worker_shared, home, extra));
     if spawned.is_err() {
-        shared.workers.running.fetch_sub(1, Relaxed);
+        shared.workers.not_started();
     }
     spawned.map(drop)
 }
 
 fn worker(shared: &Arc<Shared>, home: usize, extra: bool) {
     let mut events = [libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_WAIT];
-    let timeout = if extra { EXTRA_WORKER_IDLE } else { -1 };
+    let timeout = if extra { workers::EXTRA_IDLE_MS } else { -1 };
     let stamp = shared.workers.join(home);
     crate::pool::set_home(home);
     let reactor = &shared.reactors[home];
     let backlog = &shared.backlogs[home];
     let serve = |ready| {
-        stamp.store(shared.workers.tick.load(Relaxed), Relaxed);
+        shared.workers.begin(&stamp);
         on_event(shared, home, ready);
-        stamp.store(0, Relaxed);
+        Workers::end(&stamp);
     };
     loop {
         let waiting = backlog.lock().pop_front();
@@ -485,7 +411,7 @@ fn housekeeping(shared: &Arc<Shared>) {
         thread::sleep(HOUSEKEEPING_TICK);
         let (tick, stuck) = shared.workers.stuck_homes(shared.reactors.len());
         for home in stuck {
-            if shared.workers.running.load(Relaxed) >= shared.workers.max {
+            if !shared.workers.may_add() {
                 break;
             }
             log::debug!(
