@@ -100,6 +100,7 @@ impl Default for UpstreamConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
+    /// Per worker (each keeps its own idle connections).
     pub max_idle_per_host: usize,
     /// 0 means no limit.
     pub max_conns_per_host: usize,
@@ -293,7 +294,7 @@ mod tests {
 
         // The pipeline it builds: same modules, same priorities.
         let order = |config: &Config| {
-            let pool = crate::pool::Pool::new(crate::pool::PoolLimits::from_config(config));
+            let pool = crate::pool::Pool::new(crate::pool::PoolLimits::from_config(config), 1);
             let upstreams = crate::upstream::Upstreams::from_config(config).unwrap();
             let stages = crate::modules::build_all(
                 &config.modules,

@@ -1,21 +1,26 @@
 //! The global pool of upstream connections.
 //!
-//! Per upstream address: idle connections in a LIFO stack (the most recently
+//! Per upstream address: idle connections in LIFO stacks (the most recently
 //! used is the one most likely still open and warm), a cap on idle and on
 //! total connections, and an idle timeout. A connection is checked for
 //! liveness right before it is handed out, on that very socket.
 //!
 //! Each connection belongs to the *home* (the server's worker event loop)
-//! of the thread that opened it, where its replies are announced; a
-//! checkout takes the most recent idle connection of the caller's home if
-//! there is one, so an exchange stays on one thread.
+//! of the thread that opened it, where its replies are announced, and idles
+//! on that home's stack. A checkout takes from the caller's home first, so an
+//! exchange stays on one thread, and each home's stack has its own lock,
+//! which stays in that worker's core's cache; only when its own stack is
+//! empty does a worker take another home's connection.
 
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU64, AtomicUsize,
+    Ordering::{Relaxed, SeqCst},
+};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -28,11 +33,11 @@ pub struct Pool {
     /// Keyed by backend addresses, which come from the config: foldhash,
     /// not SipHash, is enough.
     hosts: RwLock<HashMap<SocketAddr, Arc<Host>, foldhash::fast::RandomState>>,
+    homes: usize,
     /// Called with every connection the pool opens, before it is used: the
     /// server registers it with its event loop for the connection's life.
     on_open: OnceLock<OnOpen>,
     limits: PoolLimits,
-    hits: AtomicU64,
     misses: AtomicU64,
     evictions: AtomicU64,
 }
@@ -50,6 +55,7 @@ pub fn set_home(home: usize) {
 
 #[derive(Debug, Clone, Copy)]
 pub struct PoolLimits {
+    /// Per home, like nginx's `keepalive` per worker.
     pub max_idle_per_host: usize,
     /// 0: no limit.
     pub max_conns_per_host: usize,
@@ -83,16 +89,23 @@ pub struct PoolStats {
 }
 
 struct Host {
-    state: Mutex<HostState>,
-    /// Signalled whenever a connection slot frees up.
+    /// Per home.
+    idle: Box<[Mutex<Idle>]>,
+    /// Idle plus checked-out connections; changes only when one opens or closes.
+    open: Mutex<usize>,
+    /// Signalled, under `open`'s lock, whenever a connection slot frees up
+    /// or a connection goes idle while checkouts wait for one.
     freed: Condvar,
+    /// Checkouts waiting at `max_conns_per_host`: only then does a release
+    /// take `open`'s lock to signal.
+    waiting: AtomicUsize,
 }
 
 #[derive(Default)]
-struct HostState {
-    idle: Vec<(Upstream, Instant)>,
-    /// Idle plus checked-out connections.
-    open: usize,
+struct Idle {
+    stack: Vec<(Upstream, Instant)>,
+    /// Checkouts this stack served, counted under its lock.
+    hits: u64,
 }
 
 /// An upstream connection with the bytes read from it but not yet used.
@@ -120,12 +133,13 @@ pub struct Pooled {
 }
 
 impl Pool {
-    pub fn new(limits: PoolLimits) -> Arc<Pool> {
+    /// A pool for `homes` worker event loops (homes are numbered from 0).
+    pub fn new(limits: PoolLimits, homes: usize) -> Arc<Pool> {
         Arc::new(Pool {
             hosts: RwLock::new(HashMap::default()),
+            homes: homes.max(1),
             on_open: OnceLock::new(),
             limits,
-            hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
         })
@@ -147,8 +161,10 @@ impl Pool {
     }
 
     pub fn stats(&self) -> PoolStats {
+        let hosts = self.hosts.read();
+        let idle = hosts.values().flat_map(|host| host.idle.iter());
         PoolStats {
-            hits: self.hits.load(Relaxed),
+            hits: idle.map(|stack| stack.lock().hits).sum(),
             misses: self.misses.load(Relaxed),
             evictions: self.evictions.load(Relaxed),
         }
@@ -163,8 +179,10 @@ impl Pool {
             .entry(addr)
             .or_insert_with(|| {
                 Arc::new(Host {
-                    state: Mutex::new(HostState::default()),
+                    idle: (0..self.homes).map(|_| Mutex::default()).collect(),
+                    open: Mutex::new(0),
                     freed: Condvar::new(),
+                    waiting: AtomicUsize::new(0),
                 })
             })
             .clone()
@@ -193,39 +211,46 @@ impl Pool {
         reuse: Reuse,
     ) -> Result<Pooled, PoolError> {
         let host = self.host(addr);
+        let home = HOME.get() % self.homes;
         let deadline = Instant::now() + self.limits.connect_timeout;
-        let mut state = host.state.lock();
         loop {
             if reuse != Reuse::Never {
-                while let Some((conn, since)) = state.take_idle(HOME.get()) {
-                    // The liveness check is a syscall: not under the lock.
-                    drop(state);
+                // The liveness check is a syscall: not under a lock.
+                while let Some((conn, since)) = host.take_idle(home) {
                     let fresh_enough = since.elapsed() < self.limits.idle_timeout;
                     if fresh_enough && (reuse == Reuse::Unchecked || is_alive(&conn.stream)) {
-                        self.hits.fetch_add(1, Relaxed);
                         return Ok(self.pooled(conn, host, true));
                     }
+                    // Counted as a hit when taken (from its home's stack): it was not one.
+                    let from = conn.home % self.homes;
                     drop(conn);
+                    host.idle[from].lock().hits -= 1;
                     self.evictions.fetch_add(1, Relaxed);
-                    state = host.state.lock();
-                    state.open -= 1;
+                    *host.open.lock() -= 1;
                 }
             }
+            let mut open = host.open.lock();
             let max = self.limits.max_conns_per_host;
-            if max == 0 || state.open < max {
-                state.open += 1;
-                drop(state);
+            if max == 0 || *open < max {
+                *open += 1;
+                drop(open);
                 self.misses.fetch_add(1, Relaxed);
                 return match self.connect(addr) {
                     Ok(conn) => Ok(self.pooled(conn, host, false)),
                     Err(e) => {
-                        host.state.lock().open -= 1;
-                        host.freed.notify_one();
+                        host.closed();
                         Err(PoolError::Connect(e))
                     }
                 };
             }
-            if host.freed.wait_until(&mut state, deadline).timed_out() {
+            // Say so before looking once more, so a connection released
+            // after that look signals (see `Pooled::release`).
+            host.waiting.fetch_add(1, SeqCst);
+            let idle_now = reuse != Reuse::Never
+                && host.idle.iter().any(|stack| !stack.lock().stack.is_empty());
+            let timed_out = !idle_now && host.freed.wait_until(&mut open, deadline).timed_out();
+            host.waiting.fetch_sub(1, SeqCst);
+            if timed_out {
                 return Err(PoolError::Exhausted);
             }
         }
@@ -259,15 +284,17 @@ impl Pool {
     /// Closes idle connections past `idle_timeout`; run periodically.
     pub fn evict_expired(&self) {
         let hosts: Vec<Arc<Host>> = self.hosts.read().values().cloned().collect();
+        let timeout = self.limits.idle_timeout;
         for host in hosts {
-            let mut state = host.state.lock();
-            let before = state.idle.len();
-            let timeout = self.limits.idle_timeout;
-            state.idle.retain(|(_, since)| since.elapsed() < timeout);
-            let evicted = before - state.idle.len();
-            state.open -= evicted;
-            drop(state);
+            let mut evicted = 0;
+            for stack in host.idle.iter() {
+                let mut idle = stack.lock();
+                let before = idle.stack.len();
+                idle.stack.retain(|(_, since)| since.elapsed() < timeout);
+                evicted += before - idle.stack.len();
+            }
             if evicted > 0 {
+                *host.open.lock() -= evicted;
                 self.evictions.fetch_add(evicted as u64, Relaxed);
                 host.freed.notify_all();
             }
@@ -275,20 +302,23 @@ impl Pool {
     }
 }
 
-impl HostState {
-    /// The most recently used idle connection of `home` (among the few most
-    /// recent: a long stack of others' is not worth scanning), or else the
-    /// most recent of any.
-    fn take_idle(&mut self, home: usize) -> Option<(Upstream, Instant)> {
-        const LOOK: usize = 32;
-        let recent = self.idle.len().saturating_sub(LOOK);
-        match self.idle[recent..]
-            .iter()
-            .rposition(|(conn, _)| conn.home == home)
-        {
-            Some(at) => Some(self.idle.remove(recent + at)),
-            None => self.idle.pop(),
-        }
+impl Host {
+    /// The most recently used idle connection of `home`, or else of the
+    /// next home that has one. Counted as a hit in its stack.
+    fn take_idle(&self, home: usize) -> Option<(Upstream, Instant)> {
+        let homes = self.idle.len();
+        (0..homes).find_map(|i| {
+            let mut idle = self.idle[(home + i) % homes].lock();
+            let taken = idle.stack.pop()?;
+            idle.hits += 1;
+            Some(taken)
+        })
+    }
+
+    /// A connection closed: its slot is free.
+    fn closed(&self) {
+        *self.open.lock() -= 1;
+        self.freed.notify_one();
     }
 }
 
@@ -341,23 +371,28 @@ impl Pooled {
             .expect("connection present until released")
     }
 
-    /// Returns a connection whose last response ended cleanly to the idle stack.
+    /// Returns a connection whose last response ended cleanly to its home's
+    /// idle stack.
     pub fn release(mut self) {
         let mut conn = self.conn.take().expect("released once");
         if !conn.buf.is_empty() {
             return; // unread bytes: the upstream broke framing; Drop closes it
         }
         conn.buf.release();
-        let mut state = self.host.state.lock();
-        if state.idle.len() < self.pool.limits.max_idle_per_host {
-            state.idle.push((conn, Instant::now()));
-            drop(state);
-            self.host.freed.notify_one();
-        } else {
-            state.open -= 1;
-            drop(state);
+        let host = &self.host;
+        let mut idle = host.idle[conn.home % host.idle.len()].lock();
+        if idle.stack.len() >= self.pool.limits.max_idle_per_host {
+            drop(idle);
             self.pool.evictions.fetch_add(1, Relaxed);
-            self.host.freed.notify_one();
+            host.closed();
+            return;
+        }
+        idle.stack.push((conn, Instant::now()));
+        drop(idle);
+        // Pairs with the checkout that counts itself waiting, then looks.
+        if host.waiting.load(SeqCst) > 0 {
+            let _open = host.open.lock();
+            host.freed.notify_one();
         }
     }
 }
@@ -366,8 +401,7 @@ impl Drop for Pooled {
     fn drop(&mut self) {
         // Still holding the connection: it is not reusable, so it closes here.
         if self.conn.take().is_some() {
-            self.host.state.lock().open -= 1;
-            self.host.freed.notify_one();
+            self.host.closed();
         }
     }
 }
@@ -393,7 +427,7 @@ mod tests {
     fn reuses_lifo_and_counts() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let pool = Pool::new(limits());
+        let pool = Pool::new(limits(), 1);
         let a = pool.checkout(addr).unwrap();
         let b = pool.checkout(addr).unwrap();
         let (_sa, _) = listener.accept().unwrap();
@@ -415,10 +449,38 @@ mod tests {
     }
 
     #[test]
+    fn each_home_keeps_its_own_idle_connections_and_lends_them() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pool = Pool::new(limits(), 2);
+        let port = |c: &Pooled| c.stream().local_addr().unwrap();
+        set_home(0);
+        let a = pool.checkout(addr).unwrap();
+        let a_port = port(&a);
+        set_home(1);
+        let b = pool.checkout(addr).unwrap();
+        let b_port = port(&b);
+        set_home(0);
+        a.release();
+        b.release(); // its home's stack: max_idle_per_host = 1 holds per home
+        assert_eq!(pool.stats().evictions, 0);
+        set_home(1);
+        let own = pool.checkout(addr).unwrap();
+        assert_eq!((port(&own), own.home()), (b_port, 1));
+        // Home 1 has none idle now: it takes home 0's, which stays home 0's.
+        let lent = pool.checkout(addr).unwrap();
+        assert_eq!((port(&lent), lent.home()), (a_port, 0));
+        assert!(lent.reused);
+        lent.release();
+        set_home(0);
+        assert_eq!(port(&pool.checkout(addr).unwrap()), a_port);
+    }
+
+    #[test]
     fn dead_idle_connection_is_not_handed_out() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let pool = Pool::new(limits());
+        let pool = Pool::new(limits(), 1);
         pool.checkout(addr).unwrap().release();
         let (server_side, _) = listener.accept().unwrap();
         drop(server_side); // the upstream closes the idle connection
@@ -432,7 +494,7 @@ mod tests {
     fn unexpected_bytes_make_a_connection_dead() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let pool = Pool::new(limits());
+        let pool = Pool::new(limits(), 1);
         pool.checkout(addr).unwrap().release();
         let (mut server_side, _) = listener.accept().unwrap();
         server_side
@@ -446,7 +508,7 @@ mod tests {
     fn max_conns_waits_then_gives_up() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let pool = Pool::new(limits());
+        let pool = Pool::new(limits(), 1);
         let _a = pool.checkout(addr).unwrap();
         let b = pool.checkout(addr).unwrap();
         assert!(matches!(pool.checkout(addr), Err(PoolError::Exhausted)));
@@ -463,10 +525,13 @@ mod tests {
     fn idle_timeout_evicts() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let pool = Pool::new(PoolLimits {
-            idle_timeout: Duration::from_millis(20),
-            ..limits()
-        });
+        let pool = Pool::new(
+            PoolLimits {
+                idle_timeout: Duration::from_millis(20),
+                ..limits()
+            },
+            1,
+        );
         pool.checkout(addr).unwrap().release();
         std::thread::sleep(Duration::from_millis(40));
         pool.evict_expired();

@@ -104,7 +104,7 @@ impl Server {
         let reactors: Arc<[Reactor]> = (0..homes)
             .map(|_| Reactor::new())
             .collect::<io::Result<_>>()?;
-        let pool = Pool::new(PoolLimits::from_config(config));
+        let pool = Pool::new(PoolLimits::from_config(config), homes);
         // Upstream connections are watched for life, in the set of the worker
         // that opens them (the pool hands them back to that worker first).
         let watchers = reactors.clone();
