@@ -24,6 +24,7 @@ use std::sync::atomic::{
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use crossbeam_utils::CachePadded;
 use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::config::Config;
@@ -89,8 +90,8 @@ pub struct PoolStats {
 }
 
 struct Host {
-    /// Per home.
-    idle: Box<[Mutex<Idle>]>,
+    /// Per home, a cache line each.
+    idle: Box<[CachePadded<Mutex<Idle>>]>,
     /// Idle plus checked-out connections; changes only when one opens or closes.
     open: Mutex<usize>,
     /// Signalled, under `open`'s lock, whenever a connection slot frees up
@@ -179,7 +180,7 @@ impl Pool {
             .entry(addr)
             .or_insert_with(|| {
                 Arc::new(Host {
-                    idle: (0..self.homes).map(|_| Mutex::default()).collect(),
+                    idle: (0..self.homes).map(|_| CachePadded::default()).collect(),
                     open: Mutex::new(0),
                     freed: Condvar::new(),
                     waiting: AtomicUsize::new(0),

@@ -16,6 +16,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
 
+use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 
 use super::connection::{Conn, Suspended};
@@ -108,8 +109,8 @@ impl Hasher for TokenHash {
 type Slots = HashMap<u64, Slot, BuildHasherDefault<TokenHash>>;
 
 pub struct Parked {
-    /// `SHARDS` per home, home by home.
-    shards: Box<[Mutex<Slots>]>,
+    /// `SHARDS` per home, home by home, a cache line each.
+    shards: Box<[CachePadded<Mutex<Slots>>]>,
     next_token: AtomicU64,
 }
 
@@ -121,7 +122,7 @@ impl Parked {
         );
         Parked {
             shards: (0..homes * SHARDS)
-                .map(|_| Mutex::new(Slots::default()))
+                .map(|_| CachePadded::default())
                 .collect(),
             // Tokens below this are reserved (the listener's).
             next_token: AtomicU64::new(1),

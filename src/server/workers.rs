@@ -6,7 +6,12 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
+use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
+
+/// A worker's stamp: the tick its current event began, 0 between events.
+/// Written by its worker per event, so a cache line of its own.
+pub type Stamp = Arc<CachePadded<AtomicU64>>;
 
 /// The worker pool. One worker per home always runs, one home per core by
 /// default: more would only contend for the cores (and show in tail latency).
@@ -22,7 +27,7 @@ pub struct Workers {
     tick: AtomicU64,
     /// Each running worker's home and stamp: the tick its current event
     /// began, 0 while it waits.
-    stamps: Mutex<Vec<(usize, Arc<AtomicU64>)>>,
+    stamps: Mutex<Vec<(usize, Stamp)>>,
 }
 
 impl Workers {
@@ -83,7 +88,7 @@ impl Workers {
     }
 
     /// Whether `home` has a worker other than `me` that is not held.
-    pub fn other_free(&self, home: usize, me: &Arc<AtomicU64>) -> bool {
+    pub fn other_free(&self, home: usize, me: &Stamp) -> bool {
         let now = self.tick.load(Relaxed);
         self.stamps
             .lock()
@@ -91,13 +96,13 @@ impl Workers {
             .any(|(h, stamp)| *h == home && !Arc::ptr_eq(stamp, me) && !held(stamp, now))
     }
 
-    pub fn join(&self, home: usize) -> Arc<AtomicU64> {
-        let stamp = Arc::new(AtomicU64::new(0));
+    pub fn join(&self, home: usize) -> Stamp {
+        let stamp = Stamp::default();
         self.stamps.lock().push((home, stamp.clone()));
         stamp
     }
 
-    pub fn leave(&self, me: &Arc<AtomicU64>) {
+    pub fn leave(&self, me: &Stamp) {
         self.running.fetch_sub(1, Relaxed);
         self.stamps
             .lock()
