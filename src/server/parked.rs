@@ -93,7 +93,8 @@ struct TokenHash(u64);
 impl Hasher for TokenHash {
     fn finish(&self) -> u64 {
         // A product's high bits depend on every bit of the token; the table
-        // indexes by the low ones (all tokens in a shard share their lowest four).
+        // indexes by the low ones (all tokens in a shard share their low 20
+        // bits: home and shard).
         self.0.rotate_left(26)
     }
 
@@ -124,7 +125,7 @@ impl Parked {
             shards: (0..homes * SHARDS)
                 .map(|_| CachePadded::default())
                 .collect(),
-            // Tokens below this are reserved (the listener's).
+            // Counted from 1: token 0 is the listener's.
             next_token: AtomicU64::new(1),
         }
     }
