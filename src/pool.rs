@@ -113,7 +113,7 @@ struct Idle {
 pub struct Upstream {
     pub stream: TcpStream,
     pub buf: ReadBuf,
-    /// The home of the thread that opened it.
+    /// The home of the thread that opened it (below the pool's number of homes).
     home: usize,
 }
 
@@ -171,6 +171,11 @@ impl Pool {
         }
     }
 
+    /// The calling thread's home, within this pool's homes.
+    fn caller_home(&self) -> usize {
+        HOME.get() % self.homes
+    }
+
     fn host(&self, addr: SocketAddr) -> Arc<Host> {
         if let Some(host) = self.hosts.read().get(&addr) {
             return host.clone();
@@ -212,7 +217,7 @@ impl Pool {
         reuse: Reuse,
     ) -> Result<Pooled, PoolError> {
         let host = self.host(addr);
-        let home = HOME.get() % self.homes;
+        let home = self.caller_home();
         let deadline = Instant::now() + self.limits.connect_timeout;
         loop {
             if reuse != Reuse::Never {
@@ -223,7 +228,7 @@ impl Pool {
                         return Ok(self.pooled(conn, host, true));
                     }
                     // Counted as a hit when taken (from its home's stack): it was not one.
-                    let from = conn.home % self.homes;
+                    let from = conn.home;
                     drop(conn);
                     host.idle[from].lock().hits -= 1;
                     self.evictions.fetch_add(1, Relaxed);
@@ -271,7 +276,7 @@ impl Pool {
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(self.limits.read_timeout))?;
         stream.set_write_timeout(Some(self.limits.write_timeout))?;
-        let home = HOME.get();
+        let home = self.caller_home();
         if let Some(watch) = self.on_open.get() {
             watch(stream.as_raw_fd(), home)?;
         }
@@ -381,7 +386,7 @@ impl Pooled {
         }
         conn.buf.release();
         let host = &self.host;
-        let mut idle = host.idle[conn.home % host.idle.len()].lock();
+        let mut idle = host.idle[conn.home].lock();
         if idle.stack.len() >= self.pool.limits.max_idle_per_host {
             drop(idle);
             self.pool.evictions.fetch_add(1, Relaxed);
