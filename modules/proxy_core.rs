@@ -16,7 +16,7 @@ use crate::http::chunked::{encode_chunk_header, encode_last_chunk, CHUNK_END};
 use crate::http::headers::list_items;
 use crate::http::{ip_in, response, BodyKind, Headers, Request, ResponseHead, Version};
 use crate::pipeline::{
-    Body, BodyStream, BuildEnv, Context, Downstream, Flow, Module, PendingResponse, Response, Resumed, Timer, WaitOn,
+    Body, BodyPart, BodyStream, BuildEnv, Context, Downstream, Flow, Module, PendingResponse, Response, Resumed, Timer, WaitOn,
 };
 use crate::upstream::retry::retry_after;
 use crate::upstream::{Lease, Outcome};
@@ -53,6 +53,7 @@ pub fn build(settings: &Settings, env: &BuildEnv) -> Result<Box<dyn Module>, Str
             http11: format!("1.1 {}", settings.via),
         }),
         max_head: env.config.server.max_header_size.get(),
+        body_timeout: env.config.server.body_timeout.0,
     }))
 }
 
@@ -61,6 +62,7 @@ struct ProxyCore {
     pool: Arc<Pool>,
     via: Arc<Via>,
     max_head: usize,
+    body_timeout: Duration,
 }
 
 /// Why forwarding failed: the status the client gets and a reason for the log.
@@ -127,6 +129,7 @@ impl Module for ProxyCore {
             addr,
             via: self.via.clone(),
             max_head: self.max_head,
+            body_timeout: self.body_timeout,
             head_request: req.method == "HEAD",
             received_any: false,
         };
@@ -194,18 +197,17 @@ struct Via {
     http11: String,
 }
 
-
-/// Writes the request head and streams its body.
-fn write_request(conn: &mut Pooled, head: &[u8], downstream: &mut Downstream) -> Result<(), Failure> {
-    let up = conn.conn();
-    up.stream
+/// Writes the request head.
+fn write_head(conn: &mut Pooled, head: &[u8]) -> Result<(), Failure> {
+    conn.conn()
+        .stream
         .write_all(head)
-        .map_err(|e| Failure::upstream_io("write", &e, true))?;
-    send_body(downstream, &mut up.stream)
+        .map_err(|e| Failure::upstream_io("write", &e, true))
 }
 
-/// A request on its way upstream: sent and awaiting the response head, or
-/// backing off before a retry on another server.
+/// A request on its way upstream: its body being forwarded as the client
+/// sends it, sent and awaiting the response head, or backing off before a
+/// retry on another server.
 struct Forward {
     head: Vec<u8>,
     /// No request body: the head alone can be sent again.
@@ -218,12 +220,16 @@ struct Forward {
     addr: SocketAddr,
     via: Arc<Via>,
     max_head: usize,
+    /// Longest wait for the client's next piece of body.
+    body_timeout: Duration,
     head_request: bool,
     received_any: bool,
 }
 
 enum Phase {
     Idle,
+    /// The head is upstream; the body follows as it arrives from the client.
+    Sending(Pooled),
     Waiting(Pooled),
     Backoff(Timer),
 }
@@ -235,18 +241,23 @@ impl PendingResponse for Forward {
                 fd: conn.stream().as_raw_fd(),
                 home: conn.home(),
             },
+            Phase::Sending(_) => WaitOn::Client,
             Phase::Backoff(timer) => WaitOn::Fd(timer.fd()),
-            Phase::Idle => unreachable!("awaited only when sent or backing off"),
+            Phase::Idle => unreachable!("awaited only when sending, sent or backing off"),
         }
     }
 
     fn timeout(&self) -> Duration {
-        self.pool.limits().read_timeout
+        match self.phase {
+            Phase::Sending(_) => self.body_timeout,
+            _ => self.pool.limits().read_timeout,
+        }
     }
 
     fn poll(&mut self, req: &Request, client: &mut Downstream, ctx: &mut Context) -> Option<Resumed> {
         let step = match self.phase {
             Phase::Backoff(_) => self.send(req, client, ctx).map(|()| None),
+            Phase::Sending(_) => self.send_body(client).map(|()| None),
             _ => self.progress(req, client, ctx),
         };
         match step {
@@ -257,6 +268,10 @@ impl PendingResponse for Forward {
     }
 
     fn timed_out(self: Box<Self>, _req: &Request, ctx: &mut Context) -> Resumed {
+        if let Phase::Sending(_) = self.phase {
+            // The client's fault: the upstream connection, mid-request, closes.
+            return Resumed::Respond(answer(Failure::new(408, "request body timed out"), ctx, self.addr));
+        }
         // Not retried: the request may still be in progress upstream.
         record(ctx, Outcome::Failed);
         Resumed::Respond(answer(Failure::new(504, "upstream read timed out"), ctx, self.addr))
@@ -294,17 +309,31 @@ impl Forward {
                 }
             }
         };
-        if let Err(f) = write_request(&mut conn, &self.head, downstream) {
+        if let Err(f) = write_head(&mut conn, &self.head) {
             if !(f.before_response && conn.reused && replayable) {
                 return Err(f);
             }
             log::debug!("{} reused connection to {} failed ({}); retrying", ctx.request_id, self.addr, f.reason);
             conn = self.pool.checkout_fresh(self.addr).map_err(Failure::pool)?;
-            write_request(&mut conn, &self.head, downstream)?;
+            write_head(&mut conn, &self.head)?;
         }
         self.replay = conn.reused && replayable;
         self.received_any = false;
-        self.phase = Phase::Waiting(conn);
+        self.phase = Phase::Sending(conn);
+        self.send_body(downstream)
+    }
+
+    /// Forwards what has arrived of the request body, and once all of it
+    /// is sent, waits for the response. A client that sends its body
+    /// slowly holds no worker meanwhile.
+    fn send_body(&mut self, downstream: &mut Downstream) -> Result<(), Failure> {
+        let Phase::Sending(mut conn) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+            unreachable!("sends a body only after the head")
+        };
+        self.phase = match forward_body(downstream, &mut conn.conn().stream)? {
+            BodyPart::End => Phase::Waiting(conn),
+            _ => Phase::Sending(conn),
+        };
         Ok(())
     }
 
@@ -476,29 +505,31 @@ fn next_server(ctx: &mut Context, req: &Request) -> Option<SocketAddr> {
     Some(next)
 }
 
-/// Streams the request body upstream, re-framing chunked bodies. Past the
-/// bytes already buffered, a fixed-length body is spliced.
-fn send_body(downstream: &mut Downstream, upstream: &mut TcpStream) -> Result<(), Failure> {
+/// Streams what has arrived of the request body upstream, re-framing
+/// chunked bodies: `End` once it is all sent, `NotYet` if the client has
+/// more to send. Past the bytes already buffered, a fixed-length body is
+/// spliced.
+fn forward_body(downstream: &mut Downstream, upstream: &mut TcpStream) -> Result<BodyPart<'static>, Failure> {
     let chunked = downstream.body_kind() == BodyKind::Chunked;
     let mut frame = Vec::new();
     loop {
         match downstream.splice_body(upstream) {
-            Ok(false) => {}
-            Ok(true) => return Ok(()),
+            Ok(None) => {}
+            Ok(Some(progress)) => return Ok(progress),
             Err(SpliceError::From(e)) => return Err(Failure::client(e.into())),
             Err(SpliceError::To(e)) => return Err(Failure::upstream_io("write", &e, false)),
         }
-        let Some(data) = downstream.read_body().map_err(Failure::client)? else {
-            break;
-        };
-        let written = if chunked {
-            frame.clear();
-            encode_chunk_header(&mut frame, data.len());
-            frame.extend_from_slice(data);
-            frame.extend_from_slice(CHUNK_END);
-            upstream.write_all(&frame)
-        } else {
-            upstream.write_all(data)
+        let written = match downstream.read_body().map_err(Failure::client)? {
+            BodyPart::NotYet => return Ok(BodyPart::NotYet),
+            BodyPart::End => break,
+            BodyPart::Data(data) if chunked => {
+                frame.clear();
+                encode_chunk_header(&mut frame, data.len());
+                frame.extend_from_slice(data);
+                frame.extend_from_slice(CHUNK_END);
+                upstream.write_all(&frame)
+            }
+            BodyPart::Data(data) => upstream.write_all(data),
         };
         written.map_err(|e| Failure::upstream_io("write", &e, false))?;
     }
@@ -509,9 +540,8 @@ fn send_body(downstream: &mut Downstream, upstream: &mut TcpStream) -> Result<()
             .write_all(&frame)
             .map_err(|e| Failure::upstream_io("write", &e, false))?;
     }
-    Ok(())
+    Ok(BodyPart::End)
 }
-
 
 /// Fields meant for one connection only (RFC 9110 §7.6.1), never forwarded.
 const HOP_BY_HOP: [&str; 6] = ["connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade"];

@@ -22,7 +22,7 @@ use crate::http::body::BodyError;
 use crate::http::{Request, ResponseHead};
 use crate::memfile::MemFile;
 use crate::pool::Pool;
-pub use crate::server::Downstream;
+pub use crate::server::{BodyPart, Downstream};
 use crate::upstream::Upstreams;
 
 /// One stage's behaviour. Hooks run on worker threads, concurrently for
@@ -71,6 +71,7 @@ pub enum Flow {
 /// from the next stage, as if the awaiting stage had returned [`Flow::Continue`].
 pub trait PendingResponse: Send {
     /// The socket (or [`Signal`], [`Timer`]) whose readability means progress.
+    /// Asked after each `poll`, so it may change as the work moves on.
     fn wait_on(&self) -> WaitOn;
     /// Longest wait for the next progress.
     fn timeout(&self) -> Duration;
@@ -97,6 +98,10 @@ pub enum WaitOn {
     Pooled { fd: RawFd, home: usize },
     /// Any other descriptor (a [`Signal`], a [`Timer`]): watched for this wait.
     Fd(RawFd),
+    /// The client's socket, for more of the request body (see
+    /// [`Downstream::read_body`]). Watched for the connection's life, like
+    /// a pooled connection, and woken at once the same way.
+    Client,
 }
 
 pub enum Resumed {

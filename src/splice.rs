@@ -37,9 +37,10 @@ pub enum SpliceError {
     To(io::Error),
 }
 
-/// Moves exactly `len` bytes from `from` to `to`, blocking within each
-/// socket's own timeouts. Returns early only with an error.
-pub fn splice(from: &TcpStream, to: &TcpStream, len: u64) -> Result<(), SpliceError> {
+/// Moves up to `len` bytes from `from` to `to` and says how many moved:
+/// fewer only when `from` is non-blocking and has nothing more for now.
+/// Writes to `to` block within its own timeout.
+pub fn splice(from: &TcpStream, to: &TcpStream, len: u64) -> Result<u64, SpliceError> {
     let mut pipe = match PIPE.with(|p| p.borrow_mut().take()) {
         Some(pipe) => pipe,
         None => Pipe::new().map_err(SpliceError::From)?,
@@ -82,15 +83,20 @@ impl Pipe {
         })
     }
 
-    fn relay(&mut self, from: RawFd, to: RawFd, mut len: u64) -> Result<(), SpliceError> {
-        while len > 0 {
-            let want = len.min(self.capacity as u64) as usize;
-            let n = splice_once(from, self.write.as_raw_fd(), want).map_err(SpliceError::From)?;
-            if n == 0 {
-                return Err(SpliceError::From(io::ErrorKind::UnexpectedEof.into()));
-            }
+    /// Fills the pipe from `from` and empties it into `to`, in turns, so
+    /// it holds nothing when this returns without an error.
+    fn relay(&mut self, from: RawFd, to: RawFd, len: u64) -> Result<u64, SpliceError> {
+        let mut moved = 0;
+        while moved < len {
+            let want = (len - moved).min(self.capacity as u64) as usize;
+            let n = match splice_once(from, self.write.as_raw_fd(), want) {
+                Ok(0) => return Err(SpliceError::From(io::ErrorKind::UnexpectedEof.into())),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(SpliceError::From(e)),
+            };
             self.held += n;
-            len -= n as u64;
+            moved += n as u64;
             while self.held > 0 {
                 let sent =
                     splice_once(self.read.as_raw_fd(), to, self.held).map_err(SpliceError::To)?;
@@ -100,7 +106,7 @@ impl Pipe {
                 self.held -= sent;
             }
         }
-        Ok(())
+        Ok(moved)
     }
 }
 

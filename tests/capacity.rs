@@ -3,7 +3,6 @@
 mod common;
 
 use std::io::{BufReader, Read, Write};
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -151,29 +150,109 @@ fn a_1_gib_upload_streams_in_bounded_memory() {
 }
 
 #[test]
-fn stalled_uploads_beyond_the_worker_count_do_not_block_others() {
-    // Each stalled upload holds a worker (until body_timeout); with 2 workers
-    // and 6 of them, the pool must grow so everyone else is still served.
-    let backend = Backend::ok("fine");
-    let proxy = two_worker_proxy(&backend);
-    let stalled: Vec<TcpStream> = (0..6).map(|_| stalled_upload(proxy.addr)).collect();
+fn stalled_uploads_hold_no_worker() {
+    // One worker and no helpers allowed: an upload waiting for its body must
+    // wait like an idle connection does, not on the worker's thread.
+    let backend = Backend::start(|req| response(200, &[], &req.body));
+    let proxy = Proxy::with(
+        backend.addr,
+        Conf {
+            server: "workers = 1\nmax_workers = 1\nbody_timeout = \"10s\"",
+            ..Conf::default()
+        },
+    );
+    let mut uploads: Vec<Client> = (0..4).map(|_| Client::connect(proxy.addr)).collect();
+    for (i, upload) in uploads.iter_mut().enumerate() {
+        let chunked = i % 2 == 1;
+        upload.send(if chunked {
+            "PUT / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n"
+        } else {
+            "PUT / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nfirst"
+        });
+    }
     thread::sleep(Duration::from_millis(100));
     let started = Instant::now();
     for _ in 0..20 {
-        assert_eq!(get(proxy.addr, "/").text(), "fine");
+        assert_eq!(get(proxy.addr, "/").status, 200);
     }
     let took = started.elapsed();
     assert!(took < Duration::from_secs(3), "20 requests took {took:?}");
-    drop(stalled);
+    assert_eq!(worker_threads(proxy.pid()), 1);
+    // Each upload goes on where it stopped, in pieces.
+    for (i, upload) in uploads.iter_mut().enumerate() {
+        let chunked = i % 2 == 1;
+        upload.send(if chunked { "2\r\n-h\r\n" } else { "-h" });
+        thread::sleep(Duration::from_millis(20));
+        upload.send(if chunked {
+            "3\r\nalf\r\n0\r\n\r\n"
+        } else {
+            "alf"
+        });
+        assert_eq!(upload.response().text(), "first-half");
+    }
 }
 
-/// Two workers, and a body timeout long enough to hold one for the whole test.
+#[test]
+fn a_large_upload_sent_in_pauses_arrives_whole() {
+    // Spliced while it arrives: each pause leaves the splice part way.
+    let backend = Backend::start(|req| {
+        let sum: u64 = req.body.iter().map(|&b| u64::from(b)).sum();
+        response(200, &[], format!("{} {sum}", req.body.len()).as_bytes())
+    });
+    let proxy = Proxy::with(
+        backend.addr,
+        Conf {
+            server: "workers = 1\nmax_workers = 1",
+            ..Conf::default()
+        },
+    );
+    let piece: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
+    let mut upload = Client::connect(proxy.addr);
+    let total = piece.len() * 8;
+    upload.send(format!(
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {total}\r\n\r\n"
+    ));
+    for _ in 0..8 {
+        upload.send(&piece);
+        // Meanwhile the one worker serves others.
+        assert_eq!(get(proxy.addr, "/").status, 200);
+    }
+    let sum: u64 = piece.iter().map(|&b| u64::from(b)).sum::<u64>() * 8;
+    assert_eq!(upload.response().text(), format!("{total} {sum}"));
+}
+
+/// A backend that answers `fine`, except that `/stall` gets the first half
+/// of its body at once (`/stall-later`: after 300 ms) and the rest only once
+/// `release` is set: whoever streams that response to the client is held
+/// meanwhile.
+fn stalling_backend(release: Arc<AtomicBool>) -> Backend {
+    Backend::raw(move |stream| {
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut stream = stream;
+        while let Some(req) = read_request(&mut reader) {
+            if !req.target.starts_with("/stall") {
+                let _ = stream.write_all(&response(200, &[], b"fine"));
+                continue;
+            }
+            if req.target == "/stall-later" {
+                thread::sleep(Duration::from_millis(300));
+            }
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst");
+            while !release.load(Ordering::Relaxed) {
+                thread::sleep(Duration::from_millis(10));
+            }
+            let _ = stream.write_all(b"-half");
+        }
+    })
+}
+
+/// Two workers, and an upstream read timeout long enough to hold one for the whole test.
 fn two_worker_proxy(backend: &Backend) -> Proxy {
     Proxy::with(
         backend.addr,
         Conf {
-            server: "workers = 2\nbody_timeout = \"10s\"",
-            ..Conf::default()
+            server: "workers = 2",
+            rest: "[upstream]\nread_timeout = \"10s\"",
         },
     )
 }
@@ -189,15 +268,52 @@ fn worker_threads(pid: u32) -> usize {
         .count()
 }
 
+/// Sends `GET /stall` and reads the response head and first half: from
+/// then on a worker is held writing the rest.
+fn stalled_download(addr: std::net::SocketAddr) -> Client {
+    let mut client = Client::connect(addr);
+    client.send("GET /stall HTTP/1.1\r\nHost: a\r\n\r\n");
+    let mut got = Vec::new();
+    while !got.ends_with(b"first") {
+        let mut byte = [0u8];
+        client.reader.read_exact(&mut byte).unwrap();
+        got.push(byte[0]);
+    }
+    client
+}
+
 #[test]
-fn a_worker_held_by_a_stalled_upload_is_replaced_while_the_others_keep_serving() {
-    // One of two workers waits on a stalled body while the other stays busy
-    // serving (so the server as a whole makes progress): the pool must still
-    // grow until two workers are free again.
-    let backend = Backend::ok("fine");
+fn stalled_downloads_beyond_the_worker_count_do_not_block_others() {
+    // Each stalled upstream body holds a worker; with 2 workers and 6 of
+    // them, the pool must grow so everyone else is still served.
+    let release = Arc::new(AtomicBool::new(false));
+    let backend = stalling_backend(release.clone());
+    let proxy = two_worker_proxy(&backend);
+    let stalled: Vec<Client> = (0..6).map(|_| stalled_download(proxy.addr)).collect();
+    let started = Instant::now();
+    for _ in 0..20 {
+        assert_eq!(get(proxy.addr, "/").text(), "fine");
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "20 requests took {took:?}");
+    release.store(true, Ordering::Relaxed);
+    for mut client in stalled {
+        let mut rest = [0u8; 5];
+        client.reader.read_exact(&mut rest).unwrap();
+        assert_eq!(&rest, b"-half");
+    }
+}
+
+#[test]
+fn a_worker_held_by_a_stalled_download_is_replaced_while_the_others_keep_serving() {
+    // One of two workers is held by a stalled upstream body while the other
+    // stays busy serving (so the server as a whole makes progress): the pool
+    // must still grow until two workers are free again.
+    let release = Arc::new(AtomicBool::new(false));
+    let backend = stalling_backend(release.clone());
     let proxy = two_worker_proxy(&backend);
     assert_eq!(worker_threads(proxy.pid()), 2);
-    let stalled = stalled_upload(proxy.addr);
+    let stalled = stalled_download(proxy.addr);
     let until = Instant::now() + Duration::from_millis(600);
     while Instant::now() < until {
         assert_eq!(get(proxy.addr, "/").text(), "fine");
@@ -206,6 +322,7 @@ fn a_worker_held_by_a_stalled_upload_is_replaced_while_the_others_keep_serving()
     // over a tick too; the old rule kept two.
     let workers = worker_threads(proxy.pid());
     assert!(workers >= 3, "{workers} workers");
+    release.store(true, Ordering::Relaxed);
     drop(stalled);
 }
 
@@ -215,17 +332,19 @@ fn a_helper_ends_once_the_worker_it_stood_in_for_is_free() {
     // while it is held; after that, two threads would only take turns with
     // them. It must end at its next event, not after idling for two seconds
     // (which steady traffic would never let it do).
-    let backend = Backend::start(|req| response(200, &[], &req.body));
+    let release = Arc::new(AtomicBool::new(false));
+    let backend = stalling_backend(release.clone());
     let proxy = two_worker_proxy(&backend);
-    let mut upload = Client::connect(proxy.addr);
-    upload.send("PUT / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nfirst");
+    let mut download = stalled_download(proxy.addr);
     let until = Instant::now() + Duration::from_secs(3);
     while worker_threads(proxy.pid()) < 3 {
         assert!(Instant::now() < until, "no helper started");
         thread::sleep(Duration::from_millis(10));
     }
-    upload.send("-half");
-    assert_eq!(upload.response().text(), "first-half");
+    release.store(true, Ordering::Relaxed);
+    let mut rest = [0u8; 5];
+    download.reader.read_exact(&mut rest).unwrap();
+    assert_eq!(&rest, b"-half");
     let until = Instant::now() + Duration::from_millis(1500);
     while worker_threads(proxy.pid()) > 2 {
         assert!(Instant::now() < until, "the helper stayed");
@@ -237,23 +356,26 @@ fn a_helper_ends_once_the_worker_it_stood_in_for_is_free() {
 
 #[test]
 fn events_taken_with_a_blocking_one_go_to_the_helper() {
-    // A worker takes several events per wait. Stopped while a stalled
-    // upload and a plain GET arrive, the single worker wakes to both at once
-    // and blocks on the upload's body; the GET must not wait with it for the
-    // body timeout, but go to the helper that takes over the worker's home.
-    let backend = Backend::start(|req| response(200, &[], &req.body));
+    // A worker takes several events per wait. Stopped while a stalling
+    // upstream answers one client and then another client's GET arrives,
+    // the single worker wakes to both events at once, in that order, and
+    // blocks streaming the stalled body; the GET must not wait with it, but
+    // go to the helper that takes over the worker's home.
+    let release = Arc::new(AtomicBool::new(false));
+    let backend = stalling_backend(release.clone());
     let proxy = Proxy::with(
         backend.addr,
         Conf {
-            server: "workers = 1\nbody_timeout = \"10s\"",
-            ..Conf::default()
+            server: "workers = 1",
+            rest: "[upstream]\nread_timeout = \"10s\"",
         },
     );
-    let mut upload = Client::connect(proxy.addr);
+    let mut download = Client::connect(proxy.addr);
     let mut plain = Client::connect(proxy.addr);
-    thread::sleep(Duration::from_millis(200)); // both accepted and parked
+    download.send("GET /stall-later HTTP/1.1\r\nHost: a\r\n\r\n");
+    thread::sleep(Duration::from_millis(100)); // forwarded; the answer comes at 300 ms
     proxy.signal("STOP");
-    upload.send("PUT / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nab");
+    thread::sleep(Duration::from_millis(400));
     plain.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n");
     thread::sleep(Duration::from_millis(100));
     let started = Instant::now();
@@ -261,8 +383,8 @@ fn events_taken_with_a_blocking_one_go_to_the_helper() {
     assert_eq!(plain.response().status, 200);
     let took = started.elapsed();
     assert!(took < Duration::from_secs(3), "the GET waited {took:?}");
-    upload.send("cdefghij");
-    assert_eq!(upload.response().text(), "abcdefghij");
+    release.store(true, Ordering::Relaxed);
+    assert_eq!(download.response().text(), "first-half");
 }
 
 #[test]

@@ -234,31 +234,36 @@ fn a_request_sent_while_the_previous_waits_for_its_upstream_is_answered() {
     assert_eq!(client.response().text(), "/next");
 }
 
-/// A proxy with one worker, which would hold a silent connection for 30 s,
-/// and that worker busy for a moment: a client's bytes and its FIN then both
-/// wait in the socket before any worker reads it. That is one readiness
-/// event, and a read that empties the socket without saying the end has come.
-fn proxy_reading_late(backend: &Backend) -> (Proxy, std::net::TcpStream) {
-    let proxy = Proxy::with(
+/// A proxy with one worker, which would hold a silent connection for 30 s.
+fn patient_proxy(backend: &Backend) -> Proxy {
+    Proxy::with(
         backend.addr,
         Conf {
             server: "workers = 1\nheader_timeout = \"30s\"\nkeepalive_timeout = \"30s\"",
             ..Conf::default()
         },
-    );
-    // It holds the worker until housekeeping starts another, a tick or two later.
-    let stalled = stalled_upload(proxy.addr);
-    std::thread::sleep(Duration::from_millis(20));
-    (proxy, stalled)
+    )
+}
+
+/// Sends `bytes`, then the end of the stream, while the proxy is stopped:
+/// both wait in the socket before any worker reads it. That is one
+/// readiness event, and a read that empties the socket without saying the
+/// end has come.
+fn send_and_hang_up_unseen(proxy: &Proxy, client: &mut Client, bytes: &str) {
+    std::thread::sleep(Duration::from_millis(100)); // accepted and parked
+    proxy.signal("STOP");
+    client.send(bytes);
+    client.finish_writing();
+    std::thread::sleep(Duration::from_millis(50));
+    proxy.signal("CONT");
 }
 
 #[test]
 fn a_client_that_hangs_up_after_part_of_a_head_is_let_go_at_once() {
     let backend = Backend::ok("hi");
-    let (proxy, _stalled) = proxy_reading_late(&backend);
+    let proxy = patient_proxy(&backend);
     let mut client = Client::connect(proxy.addr);
-    client.send("GET / HTTP/1.1\r\nHost: a\r\n");
-    client.finish_writing();
+    send_and_hang_up_unseen(&proxy, &mut client, "GET / HTTP/1.1\r\nHost: a\r\n");
     let started = std::time::Instant::now();
     assert!(client.is_closed());
     let waited = started.elapsed();
@@ -268,10 +273,10 @@ fn a_client_that_hangs_up_after_part_of_a_head_is_let_go_at_once() {
 #[test]
 fn a_pipeline_followed_by_a_hang_up_is_answered_then_closed() {
     let backend = Backend::start(|req| response(200, &[], req.target.as_bytes()));
-    let (proxy, _stalled) = proxy_reading_late(&backend);
+    let proxy = patient_proxy(&backend);
     let mut client = Client::connect(proxy.addr);
-    client.send("GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n");
-    client.finish_writing();
+    let pipeline = "GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n";
+    send_and_hang_up_unseen(&proxy, &mut client, pipeline);
     let started = std::time::Instant::now();
     assert_eq!(client.response().text(), "/1");
     assert_eq!(client.response().text(), "/2");

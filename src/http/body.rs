@@ -121,7 +121,7 @@ impl ReadBuf {
 }
 
 /// Reads a socket without waiting, whatever its blocking mode.
-struct Arrived<'s>(&'s TcpStream);
+pub struct Arrived<'s>(pub &'s TcpStream);
 
 impl Read for Arrived<'_> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
@@ -282,11 +282,14 @@ impl BodyReader {
         }
     }
 
-    /// Records that the rest of a fixed-length body went past the buffer.
-    pub fn bypassed(&mut self) {
-        if let State::Length { remaining } = self.state {
-            self.received += remaining;
-            self.state = State::Done;
+    /// Records that `n` bytes of a fixed-length body went past the buffer.
+    pub fn bypassed(&mut self, n: u64) {
+        if let State::Length { remaining } = &mut self.state {
+            *remaining -= n;
+            self.received += n;
+            if *remaining == 0 {
+                self.state = State::Done;
+            }
         }
     }
 

@@ -3,9 +3,9 @@
 //!
 //! A worker serves a connection only while it can make progress. When the
 //! next head has not (fully) arrived it parks the connection; when a module
-//! awaits an upstream response it suspends the exchange. Either way the
-//! worker moves on, so neither idle or slow clients nor slow upstreams hold
-//! a thread.
+//! awaits an upstream response, or more of the request body, it suspends
+//! the exchange. Either way the worker moves on, so neither idle or slow
+//! clients nor slow upstreams hold a thread.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -13,10 +13,10 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use super::downstream::Downstream;
+use super::downstream::{Downstream, RequestBody};
 use super::{OpenSlot, Shared};
 use crate::http::chunked::{encode_chunk_header, encode_last_chunk, CHUNK_END};
-use crate::http::{decimal_in, request, BodyKind, Framing, HttpError, ReadBuf, Request, Version};
+use crate::http::{decimal_in, request, Framing, HttpError, ReadBuf, Request, Version};
 use crate::logging::AccessRecord;
 use crate::pipeline::{
     Body, Context, Handled, ModuleFailed, PendingResponse, Response, Resumed, WaitOn,
@@ -60,7 +60,7 @@ struct Exchange {
     /// `keep_alive` is what the request asked (the response may still close).
     framing: Framing,
     /// A body left unread leaves no way to find the next request.
-    body_read: bool,
+    body: RequestBody,
     ctx: Context,
     /// Pipeline stages whose `handle` ran.
     ran: usize,
@@ -178,7 +178,7 @@ fn start(
 ) -> Result<bool, Box<Suspended>> {
     let exchange = Exchange {
         framing,
-        body_read: false,
+        body: RequestBody::new(framing, shared.limits.max_body_size),
         ctx: Context::new(conn.peer),
         req,
         ran: 0,
@@ -192,15 +192,13 @@ fn run(conn: &mut Conn, mut ex: Exchange, shared: &Shared) -> Result<bool, Box<S
     let mut downstream = Downstream::new(
         &mut conn.stream,
         &mut conn.buf,
-        ex.framing,
+        &mut ex.body,
         ex.req.version,
-        shared.limits.max_body_size,
     );
     let (handled, ran) = shared
         .pipeline
         .handle(ex.ran, &mut ex.req, &mut downstream, &mut ex.ctx);
     ex.ran = ran;
-    ex.body_read = downstream.body_done();
     match handled {
         Handled::Respond(resp) => Ok(finish(conn, ex, resp, shared)),
         Handled::Await(pending) => Err(Suspended::new(ex, pending)),
@@ -217,18 +215,11 @@ fn suspend(mut conn: Conn, suspended: Box<Suspended>) -> Next {
 /// Continues an exchange whose awaited socket became readable.
 pub fn resume(mut conn: Conn, mut suspended: Box<Suspended>, shared: &Shared) -> Next {
     let exchange = &mut suspended.exchange;
-    // Only interim responses go to the client while a stage awaits.
-    let framing = Framing {
-        body: BodyKind::Empty,
-        keep_alive: exchange.framing.keep_alive,
-        expect_continue: false,
-    };
     let mut downstream = Downstream::new(
         &mut conn.stream,
         &mut conn.buf,
-        framing,
+        &mut exchange.body,
         exchange.req.version,
-        0,
     );
     let polled = shared.pipeline.poll(
         exchange.ran,
@@ -278,7 +269,13 @@ fn finish(conn: &mut Conn, mut ex: Exchange, mut resp: Response, shared: &Shared
     shared
         .pipeline
         .on_response(ex.ran, &ex.req, &mut resp, &mut ex.ctx);
-    let keep_alive = ex.framing.keep_alive && ex.body_read && !shared.shutting_down.load(Relaxed);
+    let body_read = ex.body.is_done();
+    // Answered before its body came whole (an error, most likely).
+    let restored = ex.body.restore_blocking(&conn.stream);
+    let keep_alive = ex.framing.keep_alive
+        && body_read
+        && restored.is_ok()
+        && !shared.shutting_down.load(Relaxed);
     let status = resp.head.status;
     let written = write_response(
         &mut conn.stream,
@@ -299,7 +296,7 @@ fn finish(conn: &mut Conn, mut ex: Exchange, mut resp: Response, shared: &Shared
         upstream: ex.ctx.upstream,
         request_id: &ex.ctx.request_id,
     });
-    if !ex.body_read {
+    if !body_read {
         linger(&mut conn.stream);
     }
     match written {

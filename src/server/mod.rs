@@ -13,7 +13,7 @@
 //! A housekeeping thread closes idle connections past their deadline and
 //! stale pooled ones, hands upstream waits past theirs to the workers (it
 //! never serves), and starts a helper on a home whose worker is held by a
-//! slow body or reader.
+//! slow reader or a slow upstream body.
 
 mod connection;
 mod downstream;
@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 
-pub use downstream::Downstream;
+pub use downstream::{BodyPart, Downstream};
 
 use crate::config::Config;
 use crate::http::Limits;
@@ -58,7 +58,7 @@ const HOUSEKEEPING_TICK: Duration = Duration::from_millis(25);
 const SWEEP_EVERY: u64 = 4;
 /// Events one worker takes per `epoll_wait`. Those it is not serving yet
 /// wait in its home's backlog, where a helper finds them if the worker is
-/// held by a body or a slow reader (each event is reported only once).
+/// held by a slow reader or upstream body (each event is reported only once).
 const EVENTS_PER_WAIT: usize = 32;
 
 /// What every worker shares.
@@ -301,10 +301,10 @@ fn on_event(shared: &Shared, home: usize, ready: Ready) {
         return; // expired, drained, or busy (then marked) between the event and now
     };
     loop {
-        let client = waiting.client_token();
+        let client = waiting.conn().token;
         let next = catch_unwind(AssertUnwindSafe(|| match waiting {
             Waiting::Client(conn) => connection::serve(conn, shared),
-            Waiting::Upstream(conn, suspended) => connection::resume(conn, suspended, shared),
+            Waiting::Exchange(conn, suspended) => connection::resume(conn, suspended, shared),
             Waiting::TimedOut(conn, suspended, _signal) => {
                 connection::time_out(conn, suspended, shared)
             }
@@ -332,13 +332,14 @@ fn settle(shared: &Shared, home: usize, client: u64, next: Next) -> Option<Waiti
     match next {
         Next::Park(conn, _) if !conn.buf.drained() || conn.hung_up => Some(Waiting::Client(conn)),
         Next::Park(conn, deadline) if !shared.shutting_down.load(Relaxed) => {
-            shared.parked.park(conn, deadline).map(Waiting::Client)
+            shared.parked.park(conn, deadline)
         }
         // In flight: finishes even during shutdown.
-        Next::Suspend(conn, suspended) => shared
-            .parked
-            .suspend(conn, suspended, (home, &shared.reactors[home]))
-            .map(|(conn, suspended)| Waiting::Upstream(conn, suspended)),
+        Next::Suspend(conn, suspended) => {
+            shared
+                .parked
+                .suspend(conn, suspended, (home, &shared.reactors[home]))
+        }
         Next::Park(..) | Next::Close => {
             shared.parked.close(client);
             None
@@ -417,7 +418,7 @@ fn housekeeping(shared: &Arc<Shared>) {
                 break;
             }
             log::debug!(
-                "every worker of home {home} held by a slow body or reader; starting a helper"
+                "every worker of home {home} held by a slow reader or upstream; starting a helper"
             );
             if let Err(e) = spawn_worker(shared, home, true) {
                 log::error!("cannot start a worker: {e}");
@@ -429,7 +430,7 @@ fn housekeeping(shared: &Arc<Shared>) {
         for waiting in shared.parked.expired(Instant::now()) {
             match waiting {
                 Waiting::Client(conn) => conn.expire(),
-                Waiting::Upstream(conn, suspended) => {
+                Waiting::Exchange(conn, suspended) => {
                     let home = &shared.reactors[conn.home];
                     shared.parked.time_out(conn, suspended, home)
                 }

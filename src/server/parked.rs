@@ -46,20 +46,30 @@ pub fn upstream_token(fd: RawFd, home: usize) -> u64 {
 pub enum Waiting {
     /// For the client's next bytes.
     Client(Conn),
-    /// For the upstream's response; the client connection waits with it.
-    Upstream(Conn, Box<Suspended>),
-    /// An upstream wait past its deadline, for a worker to time out: the
+    /// An exchange waiting for what its pending response waits on (an
+    /// upstream's response, or more of the request body from the client);
+    /// the client connection waits with it.
+    Exchange(Conn, Box<Suspended>),
+    /// A wait past its deadline, for a worker to time out: the
     /// housekeeping thread only notices, workers do the work. The signal is
     /// already notified, so the next free worker takes it.
     TimedOut(Conn, Box<Suspended>, Signal),
 }
 
 impl Waiting {
-    /// The client connection's token, whatever it waits for.
-    pub fn client_token(&self) -> u64 {
+    /// The client connection, whatever it waits for.
+    pub fn conn(&self) -> &Conn {
         match self {
-            Waiting::Client(conn) | Waiting::Upstream(conn, _) | Waiting::TimedOut(conn, _, _) => {
-                conn.token
+            Waiting::Client(conn) | Waiting::Exchange(conn, _) | Waiting::TimedOut(conn, _, _) => {
+                conn
+            }
+        }
+    }
+
+    fn conn_mut(&mut self) -> &mut Conn {
+        match self {
+            Waiting::Client(conn) | Waiting::Exchange(conn, _) | Waiting::TimedOut(conn, _, _) => {
+                conn
             }
         }
     }
@@ -155,16 +165,22 @@ impl Parked {
 
     /// Waits for the client's next bytes until `deadline`. Gives the
     /// connection back if an event came while it was busy: serve it again.
-    pub fn park(&self, mut conn: Conn, deadline: Instant) -> Option<Conn> {
-        let mut shard = self.shard(conn.token).lock();
-        if let Some(Slot::Busy(mark)) = shard.get_mut(&conn.token) {
+    pub fn park(&self, conn: Conn, deadline: Instant) -> Option<Waiting> {
+        self.wait_for_client(Waiting::Client(conn), deadline)
+    }
+
+    /// Parks what waits on the client's socket under the client's token.
+    fn wait_for_client(&self, mut waiting: Waiting, deadline: Instant) -> Option<Waiting> {
+        let token = waiting.conn().token;
+        let mut shard = self.shard(token).lock();
+        if let Some(Slot::Busy(mark)) = shard.get_mut(&token) {
             if *mark != Mark::Nothing {
-                conn.hung_up |= *mark == Mark::HungUp;
+                waiting.conn_mut().hung_up |= *mark == Mark::HungUp;
                 *mark = Mark::Nothing;
-                return Some(conn);
+                return Some(waiting);
             }
         }
-        shard.insert(conn.token, Slot::Parked(Waiting::Client(conn), deadline));
+        shard.insert(token, Slot::Parked(waiting, deadline));
         None
     }
 
@@ -173,36 +189,34 @@ impl Parked {
         self.shard(token).lock().remove(&token);
     }
 
-    /// Waits for the upstream's response; the client stays busy meanwhile.
-    /// Gives the exchange back if its pooled connection already had an event.
-    /// A descriptor that is not a pooled connection is watched in `home`.
+    /// Parks an exchange until what it waits on is readable; the client
+    /// stays busy meanwhile unless that is the client's own socket. Gives
+    /// the exchange back if its socket already had an event. A descriptor
+    /// that is neither a pooled connection nor the client is watched in `home`.
     pub fn suspend(
         &self,
         conn: Conn,
         suspended: Box<Suspended>,
         home: (usize, &Reactor),
-    ) -> Option<(Conn, Box<Suspended>)> {
+    ) -> Option<Waiting> {
         let deadline = suspended.deadline;
-        match suspended.wait_on() {
+        let wait_on = suspended.wait_on();
+        let waiting = Waiting::Exchange(conn, suspended);
+        match wait_on {
             WaitOn::Pooled { fd, home } => {
                 let token = upstream_token(fd, home);
                 let mut shard = self.shard(token).lock();
                 if let Some(Slot::Busy(_)) = shard.get(&token) {
                     shard.remove(&token);
-                    return Some((conn, suspended));
+                    return Some(waiting);
                 }
-                shard.insert(
-                    token,
-                    Slot::Parked(Waiting::Upstream(conn, suspended), deadline),
-                );
+                shard.insert(token, Slot::Parked(waiting, deadline));
             }
+            WaitOn::Client => return self.wait_for_client(waiting, deadline),
             WaitOn::Fd(fd) => {
                 let (home, reactor) = home;
                 let token = self.new_token(home);
-                self.store(
-                    token,
-                    Slot::Parked(Waiting::Upstream(conn, suspended), deadline),
-                );
+                self.store(token, Slot::Parked(waiting, deadline));
                 if let Err(e) = reactor.watch(fd, token) {
                     log::error!("cannot watch a socket: {e}");
                     self.abandon(token);
@@ -212,8 +226,8 @@ impl Parked {
         None
     }
 
-    /// Hands an upstream wait whose deadline passed over to the workers of
-    /// the client's home.
+    /// Hands a wait whose deadline passed over to the workers of the
+    /// client's home.
     pub fn time_out(&self, conn: Conn, suspended: Box<Suspended>, reactor: &Reactor) {
         let signal = match Signal::new() {
             Ok(signal) => signal,
@@ -241,7 +255,7 @@ impl Parked {
     fn abandon(&self, token: u64) {
         let dropped = self.shard(token).lock().remove(&token);
         if let Some(Slot::Parked(waiting, _)) = dropped {
-            self.close(waiting.client_token());
+            self.close(waiting.conn().token);
         }
     }
 
@@ -273,10 +287,10 @@ impl Parked {
             None => return None,
             Some(slot) => slot,
         };
-        // A client connection stays known while it is served; an upstream
-        // wait's token is done with.
+        // A client connection stays known while it is served; another
+        // socket's token is done with.
         let waiting = match slot {
-            Slot::Parked(Waiting::Client(_), _) => {
+            Slot::Parked(waiting, _) if waiting.conn().token == token => {
                 std::mem::replace(slot, Slot::Busy(Mark::Nothing))
             }
             _ => shard.remove(&token)?,
@@ -284,13 +298,13 @@ impl Parked {
         let Slot::Parked(mut waiting, _) = waiting else {
             unreachable!("busy slots returned above")
         };
-        if let Waiting::Client(conn) = &mut waiting {
-            conn.hung_up |= ready.hung_up;
+        if waiting.conn().token == token {
+            waiting.conn_mut().hung_up |= ready.hung_up;
         }
         Some(waiting)
     }
 
-    /// Removes and returns every client or upstream wait whose deadline has
+    /// Removes and returns every client or exchange wait whose deadline has
     /// passed (never a `TimedOut` hand-over: a worker takes those).
     pub fn expired(&self, now: Instant) -> Vec<Waiting> {
         self.remove_where(|waiting, deadline| {
@@ -321,14 +335,14 @@ impl Parked {
         out
     }
 
-    /// Exchanges waiting for an upstream right now. Counted when asked (at
+    /// Exchanges waiting right now (in flight). Counted when asked (at
     /// shutdown), not kept per wait: a shared count would bounce between
     /// cores twice per request.
     pub fn suspended(&self) -> usize {
         let waits_upstream = |slot: &Slot| {
             matches!(
                 slot,
-                Slot::Parked(Waiting::Upstream(..) | Waiting::TimedOut(..), _)
+                Slot::Parked(Waiting::Exchange(..) | Waiting::TimedOut(..), _)
             )
         };
         self.shards

@@ -470,15 +470,6 @@ impl Client {
     }
 }
 
-/// An upload that sends 2 of its 10 body bytes and stops: it holds a worker
-/// until `body_timeout`.
-pub fn stalled_upload(addr: SocketAddr) -> TcpStream {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nab")
-        .unwrap();
-    s
-}
-
 /// One request on a new connection; returns the response.
 pub fn request(addr: SocketAddr, raw: &str) -> Resp {
     let mut client = Client::connect(addr);
