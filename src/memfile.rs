@@ -89,26 +89,16 @@ impl MemFile {
         unsafe { std::slice::from_raw_parts(self.map.as_ptr(), self.len) }
     }
 
-    /// Sends the whole file to the socket `socket` (blocking, as the socket is).
-    pub fn send_to(&self, socket: RawFd) -> io::Result<()> {
-        let mut offset: libc::off_t = 0;
-        while (offset as usize) < self.len {
-            let left = self.len - offset as usize;
-            // SAFETY: sendfile from our file to a socket the caller owns; the
-            // kernel advances `offset`.
-            let sent = unsafe { libc::sendfile(socket, self.fd.as_raw_fd(), &mut offset, left) };
-            match sent {
-                0 => return Err(io::ErrorKind::WriteZero.into()),
-                n if n > 0 => {}
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
-            }
+    /// One `sendfile` of the file from `from` on to `socket`; how much went.
+    pub fn send_to(&self, socket: RawFd, from: usize) -> io::Result<usize> {
+        let mut offset = from as libc::off_t;
+        // SAFETY: sendfile from our file to a socket the caller owns.
+        let sent =
+            unsafe { libc::sendfile(socket, self.fd.as_raw_fd(), &mut offset, self.len - from) };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
         }
-        Ok(())
+        Ok(sent as usize)
     }
 }
 
@@ -144,7 +134,7 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
 
     #[test]
-    fn holds_the_bytes_and_sends_them_whole() {
+    fn holds_the_bytes_and_sends_them_in_pieces() {
         let bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         let file = MemFile::new(&bytes).unwrap();
         assert_eq!(file.as_slice(), &bytes[..]);
@@ -156,7 +146,10 @@ mod tests {
             client.read_to_end(&mut got).unwrap();
             got
         });
-        file.send_to(server.as_raw_fd()).unwrap();
+        let mut sent = 0;
+        while sent < bytes.len() {
+            sent += file.send_to(server.as_raw_fd(), sent).unwrap();
+        }
         drop(server);
         assert_eq!(reader.join().unwrap(), bytes);
         assert!(MemFile::new(&[]).is_err());

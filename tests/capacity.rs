@@ -221,6 +221,53 @@ fn a_large_upload_sent_in_pauses_arrives_whole() {
     assert_eq!(upload.response().text(), format!("{total} {sum}"));
 }
 
+#[test]
+fn slow_readers_hold_no_worker() {
+    // One worker and no helpers allowed: a response waiting for a client
+    // that does not read must wait in the event loop, not on the worker.
+    let big: Vec<u8> = (0..16 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let expected = big.clone();
+    let backend = Backend::start(move |req| match req.target.as_str() {
+        "/big" => response(200, &[], &big),
+        _ => response(200, &[], b"fine"),
+    });
+    let proxy = Proxy::with(
+        backend.addr,
+        Conf {
+            server: "workers = 1\nmax_workers = 1\nwrite_timeout = \"10s\"",
+            ..Conf::default()
+        },
+    );
+    let mut readers: Vec<Client> = (0..3).map(|_| Client::connect(proxy.addr)).collect();
+    for reader in &mut readers {
+        reader.send("GET /big HTTP/1.1\r\nHost: a\r\n\r\n");
+    }
+    thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    for _ in 0..20 {
+        assert_eq!(get(proxy.addr, "/").text(), "fine");
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "20 requests took {took:?}");
+    // Each reader then takes its response in small sips, with pauses.
+    for reader in &mut readers {
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8];
+            reader.reader.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        let mut body = vec![0u8; expected.len()];
+        for (i, sip) in body.chunks_mut(256 * 1024).enumerate() {
+            reader.reader.read_exact(sip).unwrap();
+            if i % 8 == 0 {
+                thread::sleep(Duration::from_millis(5));
+            }
+        }
+        assert!(body == expected, "the body arrived changed");
+    }
+}
+
 /// A backend that answers `fine`, except that `/stall` gets the first half
 /// of its body at once (`/stall-later`: after 300 ms) and the rest only once
 /// `release` is set: whoever streams that response to the client is held

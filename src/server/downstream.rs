@@ -1,7 +1,10 @@
 //! The client side of one exchange, as modules see it.
 
-use std::io::{self, Write};
+use std::io;
 use std::net::TcpStream;
+use std::time::Duration;
+
+use super::outgoing::write_small;
 
 use crate::http::body::{Arrived, BodyError, BodyReader};
 use crate::http::{BodyKind, Framing, ReadBuf, ResponseHead, Version};
@@ -15,9 +18,6 @@ pub struct RequestBody {
     /// `Expect: 100-continue` not yet answered. Answered on the first body
     /// read, so a module that refuses the request never invites the upload.
     continue_owed: bool,
-    /// The client socket was made non-blocking to splice what has arrived;
-    /// responses are written to it blocking, so it is set back.
-    nonblocking: bool,
 }
 
 impl RequestBody {
@@ -26,21 +26,12 @@ impl RequestBody {
             kind: framing.body,
             reader: BodyReader::new(framing.body, max_body_size),
             continue_owed: framing.expect_continue,
-            nonblocking: false,
         }
     }
 
     /// True once the whole request body has been read (or there was none).
     pub fn is_done(&self) -> bool {
         self.reader.is_done()
-    }
-
-    /// Makes the client socket blocking again, if a splice left it not.
-    pub fn restore_blocking(&mut self, stream: &TcpStream) -> io::Result<()> {
-        if std::mem::take(&mut self.nonblocking) {
-            stream.set_nonblocking(false)?;
-        }
-        Ok(())
     }
 }
 
@@ -58,6 +49,8 @@ pub struct Downstream<'c> {
     buf: &'c mut ReadBuf,
     body: &'c mut RequestBody,
     version: Version,
+    /// Longest wait for room to write an interim response.
+    write_timeout: Duration,
 }
 
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
@@ -68,12 +61,14 @@ impl<'c> Downstream<'c> {
         buf: &'c mut ReadBuf,
         body: &'c mut RequestBody,
         version: Version,
+        write_timeout: Duration,
     ) -> Downstream<'c> {
         Downstream {
             stream,
             buf,
             body,
             version,
+            write_timeout,
         }
     }
 
@@ -88,10 +83,7 @@ impl<'c> Downstream<'c> {
         self.invite_body().map_err(BodyError::Io)?;
         match self.body.reader.next(&mut Arrived(self.stream), self.buf) {
             Ok(Some(data)) => Ok(BodyPart::Data(data)),
-            Ok(None) => {
-                self.body.restore_blocking(self.stream)?;
-                Ok(BodyPart::End)
-            }
+            Ok(None) => Ok(BodyPart::End),
             Err(BodyError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(BodyPart::NotYet),
             Err(e) => Err(e),
         }
@@ -112,27 +104,19 @@ impl<'c> Downstream<'c> {
             return Ok(None);
         }
         self.invite_body().map_err(SpliceError::From)?;
-        if !self.body.nonblocking {
-            // splice(2) waits on a blocking socket whatever its flags say.
-            self.stream
-                .set_nonblocking(true)
-                .map_err(SpliceError::From)?;
-            self.body.nonblocking = true;
-        }
+        // Client sockets are non-blocking: this stops where the client has.
         let moved = splice(self.stream, to, left)?;
         self.body.reader.bypassed(moved);
-        if moved < left {
-            return Ok(Some(BodyPart::NotYet));
-        }
-        self.body
-            .restore_blocking(self.stream)
-            .map_err(SpliceError::From)?;
-        Ok(Some(BodyPart::End))
+        Ok(Some(if moved < left {
+            BodyPart::NotYet
+        } else {
+            BodyPart::End
+        }))
     }
 
     fn invite_body(&mut self) -> io::Result<()> {
         if std::mem::take(&mut self.body.continue_owed) && !self.body.is_done() {
-            self.stream.write_all(CONTINUE)?;
+            write_small(self.stream, CONTINUE, self.write_timeout)?;
         }
         Ok(())
     }
@@ -155,6 +139,6 @@ impl<'c> Downstream<'c> {
         }
         let mut out = Vec::with_capacity(256);
         head.write_to(&mut out);
-        self.stream.write_all(&out)
+        write_small(self.stream, &out, self.write_timeout)
     }
 }

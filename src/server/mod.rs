@@ -13,10 +13,11 @@
 //! A housekeeping thread closes idle connections past their deadline and
 //! stale pooled ones, hands upstream waits past theirs to the workers (it
 //! never serves), and starts a helper on a home whose worker is held by a
-//! slow reader or a slow upstream body.
+//! slow upstream (reading its response body, or writing a request body to it).
 
 mod connection;
 mod downstream;
+mod outgoing;
 mod parked;
 mod reactor;
 mod workers;
@@ -58,7 +59,7 @@ const HOUSEKEEPING_TICK: Duration = Duration::from_millis(25);
 const SWEEP_EVERY: u64 = 4;
 /// Events one worker takes per `epoll_wait`. Those it is not serving yet
 /// wait in its home's backlog, where a helper finds them if the worker is
-/// held by a slow reader or upstream body (each event is reported only once).
+/// held by a slow upstream (each event is reported only once).
 const EVENTS_PER_WAIT: usize = 32;
 
 /// What every worker shares.
@@ -67,7 +68,6 @@ pub struct Shared {
     limits: Limits,
     header_timeout: Duration,
     keepalive_timeout: Duration,
-    body_timeout: Duration,
     write_timeout: Duration,
     max_connections: usize,
     shutting_down: AtomicBool,
@@ -149,7 +149,6 @@ impl Server {
             },
             header_timeout: s.header_timeout.0,
             keepalive_timeout: s.keepalive_timeout.0,
-            body_timeout: s.body_timeout.0,
             write_timeout: s.write_timeout.0,
             max_connections: s.max_connections.get(),
             shutting_down: AtomicBool::new(false),
@@ -373,8 +372,9 @@ fn accept_pending(shared: &Shared) {
 
 fn admit(shared: &Shared, home: usize, stream: TcpStream, peer: SocketAddr) -> io::Result<()> {
     stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(shared.body_timeout))?;
-    stream.set_write_timeout(Some(shared.write_timeout))?;
+    // Every read and write of a client socket stops where the socket does:
+    // a wait for the client is a wait in the event loop.
+    stream.set_nonblocking(true)?;
     let slot = OpenSlot::claim(&shared.open, shared.max_connections);
     let conn = Conn {
         stream,
@@ -417,9 +417,7 @@ fn housekeeping(shared: &Arc<Shared>) {
             if !shared.workers.may_add() {
                 break;
             }
-            log::debug!(
-                "every worker of home {home} held by a slow reader or upstream; starting a helper"
-            );
+            log::debug!("every worker of home {home} held by a slow upstream; starting a helper");
             if let Err(e) = spawn_worker(shared, home, true) {
                 log::error!("cannot start a worker: {e}");
             }

@@ -65,6 +65,14 @@ impl Reactor {
         self.ctl(libc::EPOLL_CTL_ADD, fd, token, events)
     }
 
+    /// Watches a client socket for its whole life, edge-triggered: like
+    /// [`add_edge`](Self::add_edge), and also when a full socket has room
+    /// again, for a response waiting to be written.
+    pub fn add_client(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        let events = libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET;
+        self.ctl(libc::EPOLL_CTL_ADD, fd, token, events)
+    }
+
     /// Re-arms a registered `fd` for its next readable event.
     pub fn rearm(&self, fd: RawFd, token: u64) -> io::Result<()> {
         self.ctl(libc::EPOLL_CTL_MOD, fd, token, ONE_SHOT)

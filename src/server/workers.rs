@@ -15,8 +15,8 @@ pub type Stamp = Arc<CachePadded<AtomicU64>>;
 
 /// The worker pool. One worker per home always runs, one home per core by
 /// default: more would only contend for the cores (and show in tail latency).
-/// Writing to a slow client or upstream, or reading an upstream's response
-/// body, still holds a worker, so when every worker of a home is held by such a wait (one event for over
+/// Reading an upstream's response body, or writing a request body to it,
+/// still holds a worker, so when every worker of a home is held by such a wait (one event for over
 /// a housekeeping tick), a helper is started there, up to `max` workers in
 /// all. A helper ends once its home has another worker free again, or when
 /// it finds nothing to do for `EXTRA_IDLE_MS`.
