@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::http::body::{BodyError, BodyReader};
+use crate::http::body::{Arrived, BodyError, BodyReader};
 use crate::http::chunked::{encode_chunk_header, encode_last_chunk, CHUNK_END};
 use crate::http::headers::list_items;
 use crate::http::{ip_in, response, BodyKind, Headers, Request, ResponseHead, Version};
@@ -480,6 +480,7 @@ impl Forward {
                     _ => None,
                 },
                 reusable,
+                timeout: self.pool.limits().read_timeout,
             })),
         };
         Response { head, body }
@@ -566,13 +567,16 @@ fn strip_hop_by_hop(headers: &mut Headers, also: &[&str]) {
     }
 }
 
-/// An upstream response body, read straight off the pooled connection.
+/// An upstream response body, read straight off the pooled connection as
+/// it arrives.
 struct UpstreamBody {
     conn: Option<Pooled>,
     reader: BodyReader,
     length: Option<u64>,
     /// The upstream keeps the connection open after this body.
     reusable: bool,
+    /// Longest wait for the next piece (the upstream's read timeout).
+    timeout: Duration,
 }
 
 impl BodyStream for UpstreamBody {
@@ -580,9 +584,27 @@ impl BodyStream for UpstreamBody {
         self.length
     }
 
-    fn next_chunk(&mut self) -> Result<Option<&[u8]>, BodyError> {
+    fn next_chunk(&mut self) -> Result<BodyPart<'_>, BodyError> {
         let up = self.conn.as_mut().expect("held until dropped").conn();
-        self.reader.next(&mut up.stream, &mut up.buf)
+        // Edge-triggered: NotYet only once the socket is drained.
+        match self.reader.next(&mut Arrived(&up.stream), &mut up.buf) {
+            Ok(Some(data)) => Ok(BodyPart::Data(data)),
+            Ok(None) => Ok(BodyPart::End),
+            Err(BodyError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(BodyPart::NotYet),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn wait_on(&self) -> WaitOn {
+        let conn = self.conn.as_ref().expect("held until dropped");
+        WaitOn::Pooled {
+            fd: conn.stream().as_raw_fd(),
+            home: conn.home(),
+        }
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     fn trailers(&self) -> &[u8] {

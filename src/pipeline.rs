@@ -255,11 +255,18 @@ pub enum Body {
 }
 
 /// A response body produced piece by piece (an upstream's, typically).
+/// The server pulls pieces as the client takes them, and never waits in
+/// `next_chunk`: on `NotYet` it parks the exchange until `wait_on` is
+/// readable (for at most `timeout`), holding no thread meanwhile.
 pub trait BodyStream: Send {
     /// The total length, when the framing tells it in advance.
     fn length(&self) -> Option<u64>;
-    /// The next piece, or `None` at the end.
-    fn next_chunk(&mut self) -> Result<Option<&[u8]>, BodyError>;
+    /// The next piece that has arrived, `End`, or `NotYet`.
+    fn next_chunk(&mut self) -> Result<BodyPart<'_>, BodyError>;
+    /// What becomes readable when more of the body arrives.
+    fn wait_on(&self) -> WaitOn;
+    /// Longest wait for the next piece.
+    fn timeout(&self) -> Duration;
     /// Raw trailer lines (each ending in CRLF), valid at the end.
     fn trailers(&self) -> &[u8];
 }

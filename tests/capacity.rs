@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::io::{BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -269,37 +269,67 @@ fn slow_readers_hold_no_worker() {
 }
 
 /// A backend that answers `fine`, except that `/stall` gets the first half
-/// of its body at once (`/stall-later`: after 300 ms) and the rest only once
-/// `release` is set: whoever streams that response to the client is held
-/// meanwhile.
+/// of its body at once and the rest only once `release` is set, and that it
+/// reads nothing of a `PUT /stall`'s body until then (and then answers with
+/// the body's length).
 fn stalling_backend(release: Arc<AtomicBool>) -> Backend {
     Backend::raw(move |stream| {
         let mut reader = BufReader::new(stream.try_clone().unwrap());
         let mut stream = stream;
-        while let Some(req) = read_request(&mut reader) {
-            if !req.target.starts_with("/stall") {
-                let _ = stream.write_all(&response(200, &[], b"fine"));
-                continue;
-            }
-            if req.target == "/stall-later" {
-                thread::sleep(Duration::from_millis(300));
-            }
-            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst");
+        let released = || {
             while !release.load(Ordering::Relaxed) {
                 thread::sleep(Duration::from_millis(10));
             }
-            let _ = stream.write_all(b"-half");
+        };
+        loop {
+            let mut head = Vec::new();
+            let mut line = String::new();
+            while line != "\r\n" {
+                line.clear();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    return;
+                }
+                head.push(line.clone());
+            }
+            let length: usize = head
+                .iter()
+                .find_map(|l| {
+                    let l = l.to_ascii_lowercase();
+                    l.strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            let stalls = head[0].split(' ').nth(1) == Some("/stall");
+            if stalls && length > 0 {
+                released();
+            }
+            let mut body = vec![0u8; length];
+            if reader.read_exact(&mut body).is_err() {
+                return;
+            }
+            let answer = if length > 0 {
+                response(200, &[], length.to_string().as_bytes())
+            } else if stalls {
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst");
+                released();
+                b"-half".to_vec()
+            } else {
+                response(200, &[], b"fine")
+            };
+            if stream.write_all(&answer).is_err() {
+                return;
+            }
         }
     })
 }
 
-/// Two workers, and an upstream read timeout long enough to hold one for the whole test.
+/// Two workers, and upstream timeouts long enough to hold one for the whole test.
 fn two_worker_proxy(backend: &Backend) -> Proxy {
     Proxy::with(
         backend.addr,
         Conf {
             server: "workers = 2",
-            rest: "[upstream]\nread_timeout = \"10s\"",
+            rest: "[upstream]\nread_timeout = \"10s\"\nwrite_timeout = \"10s\"",
         },
     )
 }
@@ -315,8 +345,7 @@ fn worker_threads(pid: u32) -> usize {
         .count()
 }
 
-/// Sends `GET /stall` and reads the response head and first half: from
-/// then on a worker is held writing the rest.
+/// Sends `GET /stall` and reads the response head and first half.
 fn stalled_download(addr: std::net::SocketAddr) -> Client {
     let mut client = Client::connect(addr);
     client.send("GET /stall HTTP/1.1\r\nHost: a\r\n\r\n");
@@ -329,13 +358,41 @@ fn stalled_download(addr: std::net::SocketAddr) -> Client {
     client
 }
 
+/// Reads the rest of a stalled download once released.
+fn finish_download(mut client: Client) {
+    let mut rest = [0u8; 5];
+    client.reader.read_exact(&mut rest).unwrap();
+    assert_eq!(&rest, b"-half");
+}
+
+/// Uploads more to `PUT /stall` than the sockets between the proxy and the
+/// stalling backend hold: the worker writing it upstream is held until the
+/// backend reads. Returns the response, once there is one.
+fn upload_to_a_stalled_upstream(addr: std::net::SocketAddr) -> thread::JoinHandle<String> {
+    const SIZE: usize = 48 << 20;
+    let mut client = Client::connect(addr);
+    client.send(format!(
+        "PUT /stall HTTP/1.1\r\nHost: a\r\nContent-Length: {SIZE}\r\n\r\n"
+    ));
+    thread::spawn(move || {
+        client.send(vec![b'u'; SIZE]);
+        client.response().text()
+    })
+}
+
 #[test]
-fn stalled_downloads_beyond_the_worker_count_do_not_block_others() {
-    // Each stalled upstream body holds a worker; with 2 workers and 6 of
-    // them, the pool must grow so everyone else is still served.
+fn stalled_upstream_bodies_hold_no_worker() {
+    // Two workers and no helpers allowed: responses whose upstream body has
+    // stopped half way wait like any other wait, not on the workers.
     let release = Arc::new(AtomicBool::new(false));
     let backend = stalling_backend(release.clone());
-    let proxy = two_worker_proxy(&backend);
+    let proxy = Proxy::with(
+        backend.addr,
+        Conf {
+            server: "workers = 2\nmax_workers = 2",
+            rest: "[upstream]\nread_timeout = \"10s\"",
+        },
+    );
     let stalled: Vec<Client> = (0..6).map(|_| stalled_download(proxy.addr)).collect();
     let started = Instant::now();
     for _ in 0..20 {
@@ -344,33 +401,27 @@ fn stalled_downloads_beyond_the_worker_count_do_not_block_others() {
     let took = started.elapsed();
     assert!(took < Duration::from_secs(3), "20 requests took {took:?}");
     release.store(true, Ordering::Relaxed);
-    for mut client in stalled {
-        let mut rest = [0u8; 5];
-        client.reader.read_exact(&mut rest).unwrap();
-        assert_eq!(&rest, b"-half");
-    }
+    stalled.into_iter().for_each(finish_download);
 }
 
 #[test]
-fn a_worker_held_by_a_stalled_download_is_replaced_while_the_others_keep_serving() {
-    // One of two workers is held by a stalled upstream body while the other
-    // stays busy serving (so the server as a whole makes progress): the pool
-    // must still grow until two workers are free again.
+fn a_worker_held_by_a_stalled_upstream_is_replaced_while_the_others_keep_serving() {
+    // One of two workers is held writing a body to an upstream that does
+    // not read it while the other stays busy serving (so the server as a
+    // whole makes progress): the pool must still grow until two workers are
+    // free again.
     let release = Arc::new(AtomicBool::new(false));
     let backend = stalling_backend(release.clone());
     let proxy = two_worker_proxy(&backend);
     assert_eq!(worker_threads(proxy.pid()), 2);
-    let stalled = stalled_download(proxy.addr);
-    let until = Instant::now() + Duration::from_millis(600);
-    while Instant::now() < until {
+    let upload = upload_to_a_stalled_upstream(proxy.addr);
+    let until = Instant::now() + Duration::from_secs(5);
+    while worker_threads(proxy.pid()) < 3 {
+        assert!(Instant::now() < until, "no helper started");
         assert_eq!(get(proxy.addr, "/").text(), "fine");
     }
-    // Three, or more if a busy machine held a worker on an ordinary request
-    // over a tick too; the old rule kept two.
-    let workers = worker_threads(proxy.pid());
-    assert!(workers >= 3, "{workers} workers");
     release.store(true, Ordering::Relaxed);
-    drop(stalled);
+    assert_eq!(upload.join().unwrap(), (48 << 20).to_string());
 }
 
 #[test]
@@ -382,16 +433,14 @@ fn a_helper_ends_once_the_worker_it_stood_in_for_is_free() {
     let release = Arc::new(AtomicBool::new(false));
     let backend = stalling_backend(release.clone());
     let proxy = two_worker_proxy(&backend);
-    let mut download = stalled_download(proxy.addr);
-    let until = Instant::now() + Duration::from_secs(3);
+    let upload = upload_to_a_stalled_upstream(proxy.addr);
+    let until = Instant::now() + Duration::from_secs(5);
     while worker_threads(proxy.pid()) < 3 {
         assert!(Instant::now() < until, "no helper started");
         thread::sleep(Duration::from_millis(10));
     }
     release.store(true, Ordering::Relaxed);
-    let mut rest = [0u8; 5];
-    download.reader.read_exact(&mut rest).unwrap();
-    assert_eq!(&rest, b"-half");
+    assert_eq!(upload.join().unwrap(), (48 << 20).to_string());
     let until = Instant::now() + Duration::from_millis(1500);
     while worker_threads(proxy.pid()) > 2 {
         assert!(Instant::now() < until, "the helper stayed");
@@ -403,35 +452,42 @@ fn a_helper_ends_once_the_worker_it_stood_in_for_is_free() {
 
 #[test]
 fn events_taken_with_a_blocking_one_go_to_the_helper() {
-    // A worker takes several events per wait. Stopped while a stalling
-    // upstream answers one client and then another client's GET arrives,
-    // the single worker wakes to both events at once, in that order, and
-    // blocks streaming the stalled body; the GET must not wait with it, but
-    // go to the helper that takes over the worker's home.
+    // A worker takes several events per wait. The one upstream connection
+    // allowed is held by a stalled download; stopped while a GET that needs
+    // another and then a bad request arrive, the single worker wakes to
+    // both events at once, in that order, and blocks waiting for the pool.
+    // The bad request must not wait with it, but go to the helper that
+    // takes over the worker's home.
     let release = Arc::new(AtomicBool::new(false));
     let backend = stalling_backend(release.clone());
     let proxy = Proxy::with(
         backend.addr,
         Conf {
             server: "workers = 1",
-            rest: "[upstream]\nread_timeout = \"10s\"",
+            rest: "[upstream]\nconnect_timeout = \"10s\"\nread_timeout = \"10s\"\n\
+                   [pool]\nmax_conns_per_host = 1",
         },
     );
-    let mut download = Client::connect(proxy.addr);
-    let mut plain = Client::connect(proxy.addr);
-    download.send("GET /stall-later HTTP/1.1\r\nHost: a\r\n\r\n");
-    thread::sleep(Duration::from_millis(100)); // forwarded; the answer comes at 300 ms
-    proxy.signal("STOP");
-    thread::sleep(Duration::from_millis(400));
-    plain.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+    let download = stalled_download(proxy.addr);
+    let mut waiting = Client::connect(proxy.addr);
+    let mut bad = Client::connect(proxy.addr);
+    thread::sleep(Duration::from_millis(200)); // both accepted and parked
+    proxy.stop();
+    waiting.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+    thread::sleep(Duration::from_millis(50));
+    bad.send("BAD\r\n\r\n");
     thread::sleep(Duration::from_millis(100));
     let started = Instant::now();
     proxy.signal("CONT");
-    assert_eq!(plain.response().status, 200);
+    assert_eq!(bad.response().status, 400);
     let took = started.elapsed();
-    assert!(took < Duration::from_secs(3), "the GET waited {took:?}");
+    assert!(
+        took < Duration::from_secs(3),
+        "the bad request waited {took:?}"
+    );
     release.store(true, Ordering::Relaxed);
-    assert_eq!(download.response().text(), "first-half");
+    finish_download(download);
+    assert_eq!(waiting.response().text(), "fine");
 }
 
 #[test]

@@ -251,7 +251,7 @@ fn patient_proxy(backend: &Backend) -> Proxy {
 /// end has come.
 fn send_and_hang_up_unseen(proxy: &Proxy, client: &mut Client, bytes: &str) {
     std::thread::sleep(Duration::from_millis(100)); // accepted and parked
-    proxy.signal("STOP");
+    proxy.stop();
     client.send(bytes);
     client.finish_writing();
     std::thread::sleep(Duration::from_millis(50));

@@ -63,8 +63,8 @@ struct Exchange {
     ran: usize,
 }
 
-/// An exchange waiting: for a stage's pending response, or for room in the
-/// client's socket.
+/// An exchange waiting: for a stage's pending response, or with its
+/// response part written.
 pub struct Suspended {
     exchange: Exchange,
     awaiting: Awaiting,
@@ -74,8 +74,9 @@ pub struct Suspended {
 enum Awaiting {
     /// A stage's pending response (an upstream's, typically).
     Stage(Box<dyn PendingResponse>),
-    /// Room for the rest of the response, in a slow reader's socket.
-    Room(Box<Outgoing>),
+    /// The rest of the response: room in a slow reader's socket, or the
+    /// next piece of its body (on what it waits on).
+    Response(Box<Outgoing>, WaitOn),
 }
 
 impl Suspended {
@@ -90,7 +91,7 @@ impl Suspended {
     pub fn wait_on(&self) -> WaitOn {
         match &self.awaiting {
             Awaiting::Stage(pending) => pending.wait_on(),
-            Awaiting::Room(_) => WaitOn::Client,
+            Awaiting::Response(_, wait_on) => *wait_on,
         }
     }
 }
@@ -223,10 +224,10 @@ fn suspend(mut conn: Conn, suspended: Box<Suspended>) -> Next {
 pub fn resume(mut conn: Conn, mut suspended: Box<Suspended>, shared: &Shared) -> Next {
     let pending = match &mut suspended.awaiting {
         Awaiting::Stage(pending) => pending,
-        Awaiting::Room(_) => {
+        Awaiting::Response(..) => {
             let Suspended {
                 exchange,
-                awaiting: Awaiting::Room(outgoing),
+                awaiting: Awaiting::Response(outgoing, _),
                 ..
             } = *suspended
             else {
@@ -261,7 +262,8 @@ pub fn resume(mut conn: Conn, mut suspended: Box<Suspended>, shared: &Shared) ->
 }
 
 /// The wait ran past its timeout: the awaiting module decides what follows;
-/// a client that read nothing for `write_timeout` is let go.
+/// a response cut short (its client read nothing for `write_timeout`, or its
+/// upstream sent nothing for `read_timeout`) ends the connection.
 pub fn time_out(mut conn: Conn, suspended: Box<Suspended>, shared: &Shared) -> Next {
     let Suspended {
         mut exchange,
@@ -276,8 +278,12 @@ pub fn time_out(mut conn: Conn, suspended: Box<Suspended>, shared: &Shared) -> N
             }
             proceed(conn, exchange, resumed, shared)
         }
-        Awaiting::Room(outgoing) => {
-            let timed_out = Err(io::ErrorKind::TimedOut.into());
+        Awaiting::Response(outgoing, wait_on) => {
+            let why = match wait_on {
+                WaitOn::Client => "client write timed out",
+                _ => "upstream body timed out",
+            };
+            let timed_out = Err(io::Error::other(why));
             complete(
                 &mut conn,
                 &exchange,
@@ -317,8 +323,8 @@ fn finish(conn: &mut Conn, mut ex: Exchange, mut resp: Response, shared: &Shared
     }
 }
 
-/// Writes what the client's socket takes of a response; waits for room
-/// for the rest.
+/// Writes what the client's socket takes of a response, as far as its body
+/// has arrived; waits for the rest.
 fn deliver(
     conn: &mut Conn,
     mut ex: Exchange,
@@ -330,13 +336,10 @@ fn deliver(
         ran: ex.ran,
         ctx: &mut ex.ctx,
     };
-    let written = match outgoing.write(&conn.stream, &mut hooks) {
-        Ok(Progress::Blocked) => {
-            return Err(Suspended::new(
-                ex,
-                Awaiting::Room(outgoing),
-                shared.write_timeout,
-            ))
+    let written = match outgoing.write(&conn.stream, &mut hooks, shared.write_timeout) {
+        Ok(Progress::Waits(wait_on, timeout)) => {
+            let awaiting = Awaiting::Response(outgoing, wait_on);
+            return Err(Suspended::new(ex, awaiting, timeout));
         }
         Ok(Progress::Done) => Ok(outgoing.keep_alive),
         Err(e) => Err(e),

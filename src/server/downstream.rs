@@ -35,7 +35,7 @@ impl RequestBody {
     }
 }
 
-/// What has arrived of the request body.
+/// What has arrived of a body (a request's, or a streamed response's).
 pub enum BodyPart<'b> {
     Data(&'b [u8]),
     /// The body is complete.

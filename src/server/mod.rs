@@ -12,8 +12,9 @@
 //!
 //! A housekeeping thread closes idle connections past their deadline and
 //! stale pooled ones, hands upstream waits past theirs to the workers (it
-//! never serves), and starts a helper on a home whose worker is held by a
-//! slow upstream (reading its response body, or writing a request body to it).
+//! never serves), and starts a helper on a home whose worker is held by the
+//! upstream (connecting, waiting for a pooled connection, or writing a
+//! request body it is slow to read).
 
 mod connection;
 mod downstream;

@@ -1,7 +1,8 @@
 //! A response on its way to the client: framed once, then written as far
-//! as the socket takes it. Client sockets are non-blocking, so when one is
-//! full the exchange waits for it to drain like any other wait, and a slow
-//! reader holds no worker.
+//! as the socket takes it, its body pulled as far as it has arrived. Client
+//! sockets are non-blocking, so when one is full, or the next piece of a
+//! streamed body is still on its way, the exchange waits like any other
+//! wait: neither a slow reader nor a slow upstream holds a worker.
 
 use std::io::{self, IoSlice};
 use std::net::TcpStream;
@@ -12,7 +13,9 @@ use std::time::{Duration, Instant};
 use crate::http::chunked::{encode_chunk_header, encode_last_chunk, CHUNK_END};
 use crate::http::{decimal_in, Request, Version};
 use crate::memfile::MemFile;
-use crate::pipeline::{Body, BodyStream, Context, ModuleFailed, Pipeline, Response};
+use crate::pipeline::{
+    Body, BodyPart, BodyStream, Context, ModuleFailed, Pipeline, Response, WaitOn,
+};
 
 /// Bodies up to this size are copied behind the head for one plain write;
 /// larger ones go out with the head by one vectored write, uncopied.
@@ -69,8 +72,9 @@ enum Rest {
 /// Where writing stopped.
 pub enum Progress {
     Done,
-    /// The socket is full: wait until it drains.
-    Blocked,
+    /// Until this is ready, for at most this long: the client's socket is
+    /// full, or the body's next piece has not arrived.
+    Waits(WaitOn, Duration),
 }
 
 impl Outgoing {
@@ -155,7 +159,7 @@ impl Outgoing {
             _ => (outgoing.out.len() - head_len) as u64,
         };
         if streamed {
-            // The head goes out with the first piece of body.
+            // The head goes out with the first piece of body, if it is here.
             outgoing.pull(hooks)?;
         } else {
             hooks.end()?;
@@ -164,8 +168,13 @@ impl Outgoing {
     }
 
     /// Writes as much as the socket takes, pulling more of a streamed body
-    /// as the socket drains.
-    pub fn write(&mut self, stream: &TcpStream, hooks: &mut Hooks) -> io::Result<Progress> {
+    /// as the socket drains. A full socket waits up to `write_timeout`.
+    pub fn write(
+        &mut self,
+        stream: &TcpStream,
+        hooks: &mut Hooks,
+        write_timeout: Duration,
+    ) -> io::Result<Progress> {
         let fd = stream.as_raw_fd();
         loop {
             let unsent = &self.out[self.sent..];
@@ -202,8 +211,11 @@ impl Outgoing {
                     }
                     n
                 }
-                Rest::Stream(_) => {
-                    self.pull(hooks)?;
+                Rest::Stream(body) => {
+                    let waits = (body.wait_on(), body.timeout());
+                    if !self.pull(hooks)? {
+                        return Ok(Progress::Waits(waits.0, waits.1));
+                    }
                     continue;
                 }
                 Rest::Nothing => return Ok(Progress::Done),
@@ -211,34 +223,42 @@ impl Outgoing {
             match written {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Progress::Blocked),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok(Progress::Waits(WaitOn::Client, write_timeout))
+                }
                 Err(e) => return Err(e),
             }
         }
     }
 
     /// Frames the next piece of a streamed body into `out` (once the
-    /// previous one is written). At the end, the body is dropped (freeing its
-    /// upstream connection for reuse) and the stages are told, before the
-    /// client can see the end of the response and send its next request.
-    fn pull(&mut self, hooks: &mut Hooks) -> io::Result<()> {
+    /// previous one is written); false if it has not arrived yet. At the
+    /// end, the body is dropped (freeing its upstream connection for reuse)
+    /// and the stages are told, before the client can see the end of the
+    /// response and send its next request.
+    fn pull(&mut self, hooks: &mut Hooks) -> io::Result<bool> {
         let Rest::Stream(body) = &mut self.rest else {
-            return Ok(());
+            return Ok(true);
         };
         if self.sent == self.out.len() {
             self.out.clear();
             self.sent = 0;
         }
         let length = body.length();
-        let chunk = body
+        let piece = body
             .next_chunk()
             .map_err(|e| io::Error::other(format!("upstream body: {e}")))?;
-        let Some(chunk) = chunk else {
-            if self.chunked {
-                encode_last_chunk(&mut self.out, body.trailers());
+        let chunk = match piece {
+            BodyPart::NotYet => return Ok(false),
+            BodyPart::Data(chunk) => chunk,
+            BodyPart::End => {
+                if self.chunked {
+                    encode_last_chunk(&mut self.out, body.trailers());
+                }
+                self.rest = Rest::Nothing;
+                hooks.end()?;
+                return Ok(true);
             }
-            self.rest = Rest::Nothing;
-            return hooks.end();
         };
         self.bytes += chunk.len() as u64;
         hooks.chunk(chunk)?;
@@ -253,7 +273,7 @@ impl Outgoing {
             self.rest = Rest::Nothing;
             hooks.end()?;
         }
-        Ok(())
+        Ok(true)
     }
 }
 

@@ -15,8 +15,9 @@ pub type Stamp = Arc<CachePadded<AtomicU64>>;
 
 /// The worker pool. One worker per home always runs, one home per core by
 /// default: more would only contend for the cores (and show in tail latency).
-/// Reading an upstream's response body, or writing a request body to it,
-/// still holds a worker, so when every worker of a home is held by such a wait (one event for over
+/// Connecting upstream, waiting for a pooled connection at
+/// `max_conns_per_host`, and writing a request body to a slow upstream still
+/// hold a worker, so when every worker of a home is held by such a wait (one event for over
 /// a housekeeping tick), a helper is started there, up to `max` workers in
 /// all. A helper ends once its home has another worker free again, or when
 /// it finds nothing to do for `EXTRA_IDLE_MS`.

@@ -164,6 +164,29 @@ impl Proxy {
             .unwrap();
         assert!(status.success());
     }
+
+    /// Stops the proxy (SIGSTOP) and waits until each of its threads has: a
+    /// thread woken by an event and the signal at once would otherwise take
+    /// the event before it stops.
+    pub fn stop(&self) {
+        self.signal("STOP");
+        let tasks = format!("/proc/{}/task", self.pid());
+        let until = Instant::now() + TIMEOUT;
+        let stopped = |task: std::fs::DirEntry| {
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next());
+            matches!(state, Some("T" | "t") | None)
+        };
+        while !std::fs::read_dir(&tasks)
+            .unwrap()
+            .all(|task| stopped(task.unwrap()))
+        {
+            assert!(Instant::now() < until, "the proxy did not stop");
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
 }
 
 /// Runs the binary with `config`, expecting it to refuse to start; returns what it printed.
