@@ -233,7 +233,7 @@ pub fn resume(mut conn: Conn, mut suspended: Box<Suspended>, shared: &Shared) ->
             else {
                 unreachable!("matched just above")
             };
-            let outcome = deliver(&mut conn, exchange, outgoing, shared);
+            let outcome = deliver(&mut conn, exchange, *outgoing, shared);
             return after(conn, outcome, shared);
         }
     };
@@ -318,19 +318,14 @@ fn finish(conn: &mut Conn, mut ex: Exchange, mut resp: Response, shared: &Shared
         ctx: &mut ex.ctx,
     };
     match Outgoing::new(&ex.req, resp, keep_alive, &mut hooks) {
-        Ok(outgoing) => deliver(conn, ex, Box::new(outgoing), shared),
+        Ok(outgoing) => deliver(conn, ex, outgoing, shared),
         Err(e) => Ok(complete(conn, &ex, (status, 0), Err(e))),
     }
 }
 
 /// Writes what the client's socket takes of a response, as far as its body
 /// has arrived; waits for the rest.
-fn deliver(
-    conn: &mut Conn,
-    mut ex: Exchange,
-    mut outgoing: Box<Outgoing>,
-    shared: &Shared,
-) -> Outcome {
+fn deliver(conn: &mut Conn, mut ex: Exchange, mut outgoing: Outgoing, shared: &Shared) -> Outcome {
     let mut hooks = Hooks {
         pipeline: &shared.pipeline,
         ran: ex.ran,
@@ -338,7 +333,8 @@ fn deliver(
     };
     let written = match outgoing.write(&conn.stream, &mut hooks, shared.write_timeout) {
         Ok(Progress::Waits(wait_on, timeout)) => {
-            let awaiting = Awaiting::Response(outgoing, wait_on);
+            // Boxed only now: most responses go out whole at once.
+            let awaiting = Awaiting::Response(Box::new(outgoing), wait_on);
             return Err(Suspended::new(ex, awaiting, timeout));
         }
         Ok(Progress::Done) => Ok(outgoing.keep_alive),
