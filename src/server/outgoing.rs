@@ -123,25 +123,27 @@ impl Outgoing {
         }
         let mut out = Vec::with_capacity(1024);
         head.write_to(&mut out);
-        let head_len = out.len();
 
-        let rest = match resp.body {
-            _ if bodyless => Rest::Nothing,
-            Body::Empty => Rest::Nothing,
+        let (rest, bytes) = match resp.body {
+            _ if bodyless => (Rest::Nothing, 0),
+            Body::Empty => (Rest::Nothing, 0),
             Body::Bytes(body) => {
                 hooks.chunk(&body)?;
+                let len = body.len() as u64;
                 if body.len() <= COPY_LIMIT {
                     out.extend_from_slice(&body);
-                    Rest::Nothing
+                    (Rest::Nothing, len)
                 } else {
-                    Rest::Bytes(body, 0)
+                    (Rest::Bytes(body, 0), len)
                 }
             }
             Body::File(file) => {
                 hooks.chunk(file.as_slice())?;
-                Rest::File(file, 0)
+                let len = file.len() as u64;
+                (Rest::File(file, 0), len)
             }
-            Body::Stream(stream) => Rest::Stream(stream),
+            // Counted as its pieces are pulled.
+            Body::Stream(stream) => (Rest::Stream(stream), 0),
         };
         let streamed = matches!(rest, Rest::Stream(_));
         let mut outgoing = Outgoing {
@@ -149,14 +151,9 @@ impl Outgoing {
             sent: 0,
             rest,
             chunked,
-            bytes: 0,
+            bytes,
             status: resp.head.status,
             keep_alive,
-        };
-        outgoing.bytes = match &outgoing.rest {
-            Rest::Bytes(body, _) => body.len() as u64,
-            Rest::File(file, _) => file.len() as u64,
-            _ => (outgoing.out.len() - head_len) as u64,
         };
         if streamed {
             // The head goes out with the first piece of body, if it is here.
@@ -212,9 +209,9 @@ impl Outgoing {
                     n
                 }
                 Rest::Stream(body) => {
-                    let waits = (body.wait_on(), body.timeout());
+                    let (wait_on, timeout) = (body.wait_on(), body.timeout());
                     if !self.pull(hooks)? {
-                        return Ok(Progress::Waits(waits.0, waits.1));
+                        return Ok(Progress::Waits(wait_on, timeout));
                     }
                     continue;
                 }
