@@ -106,13 +106,18 @@ impl Failure {
         }
     }
 
+    /// The client's body failed: nothing to hold against the upstream, so
+    /// nothing goes on the lease (passive health counts servers' failures).
     fn client(e: BodyError) -> Failure {
         let status = match &e {
             _ if e.is_timeout() => 408,
             BodyError::TooLarge => 413,
             BodyError::Malformed(_) | BodyError::Closed | BodyError::Io(_) => 400,
         };
-        Failure::new(status, format!("request body: {e}"))
+        Failure {
+            recorded: true,
+            ..Failure::new(status, format!("request body: {e}"))
+        }
     }
 }
 

@@ -435,6 +435,39 @@ fn passive_health_ejects_a_failing_server_for_a_growing_time() {
 }
 
 #[test]
+fn bad_request_bodies_do_not_count_against_the_upstream() {
+    // Passive health counts what the servers do, not what clients do: four
+    // malformed bodies, two per server, must not eject either.
+    let (a, b) = (named("a"), named("b"));
+    let mut proxy = Proxy::with(
+        closed_port(),
+        Conf {
+            server: "workers = 1",
+            rest: &format!(
+                "[upstreams.api]\nservers = [{}, {}]\n\
+                 [upstreams.api.outlier]\nmax_fails = 2\nejection = \"10s\"\n\
+                 [[routes]]\npath_prefix = \"/\"\nupstream = \"api\"\n",
+                server(a.addr, ""),
+                server(b.addr, "")
+            ),
+        },
+    );
+    for _ in 0..4 {
+        let bad = "POST / HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n";
+        assert_eq!(request(proxy.addr, bad).status, 400);
+    }
+    assert_eq!(
+        request(proxy.addr, "GET /after HTTP/1.1\r\nHost: test\r\n\r\n").status,
+        200
+    );
+    // One worker logs in order: an ejection would come before this line.
+    proxy.wait_for_log("\"GET /after\"");
+    let logs = proxy.logs().join("\n");
+    assert_eq!(logs.matches("malformed chunked body").count(), 4, "{logs}");
+    assert!(!logs.contains("ejected"), "{logs}");
+}
+
+#[test]
 fn the_circuit_breaker_opens_answers_503_then_probes_and_closes() {
     let healthy = Arc::new(AtomicBool::new(false));
     let flag = healthy.clone();
