@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::http::body::{Arrived, BodyError, BodyReader};
+use crate::http::body::{BodyError, BodyReader};
 use crate::http::chunked::{encode_chunk_header, encode_last_chunk, CHUNK_END};
 use crate::http::headers::list_items;
 use crate::http::{ip_in, response, BodyKind, Headers, Request, ResponseHead, Version};
@@ -591,13 +591,7 @@ impl BodyStream for UpstreamBody {
 
     fn next_chunk(&mut self) -> Result<BodyPart<'_>, BodyError> {
         let up = self.conn.as_mut().expect("held until dropped").conn();
-        // Edge-triggered: NotYet only once the socket is drained.
-        match self.reader.next(&mut Arrived(&up.stream), &mut up.buf) {
-            Ok(Some(data)) => Ok(BodyPart::Data(data)),
-            Ok(None) => Ok(BodyPart::End),
-            Err(BodyError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(BodyPart::NotYet),
-            Err(e) => Err(e),
-        }
+        self.reader.next_arrived(&up.stream, &mut up.buf)
     }
 
     fn wait_on(&self) -> WaitOn {

@@ -19,10 +19,11 @@ use serde::Deserialize;
 
 use crate::config::Config;
 use crate::http::body::BodyError;
+pub use crate::http::body::BodyPart;
 use crate::http::{Request, ResponseHead};
 use crate::memfile::MemFile;
 use crate::pool::Pool;
-pub use crate::server::{BodyPart, Downstream};
+pub use crate::server::Downstream;
 use crate::upstream::Upstreams;
 
 /// One stage's behaviour. Hooks run on worker threads, concurrently for

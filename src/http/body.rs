@@ -121,7 +121,7 @@ impl ReadBuf {
 }
 
 /// Reads a socket without waiting, whatever its blocking mode.
-pub struct Arrived<'s>(pub &'s TcpStream);
+struct Arrived<'s>(&'s TcpStream);
 
 impl Read for Arrived<'_> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
@@ -184,6 +184,15 @@ mod spare {
             shared.push(storage);
         }
     }
+}
+
+/// What has arrived of a body.
+pub enum BodyPart<'b> {
+    Data(&'b [u8]),
+    /// The body is complete.
+    End,
+    /// Nothing more for now: the rest has not arrived yet.
+    NotYet,
 }
 
 /// Why a body could not be read to its end.
@@ -330,6 +339,22 @@ impl BodyReader {
             }
             // Framing only: the decoder always consumes some of a non-empty input.
             buf.consume(step.consumed);
+        }
+    }
+
+    /// The next piece that has already arrived on `stream` (or is in
+    /// `buf`), never waiting. Sockets are watched edge-triggered: `NotYet`
+    /// comes only once the socket is drained, so its next bytes are reported.
+    pub fn next_arrived<'b>(
+        &mut self,
+        stream: &TcpStream,
+        buf: &'b mut ReadBuf,
+    ) -> Result<BodyPart<'b>, BodyError> {
+        match self.next(&mut Arrived(stream), buf) {
+            Ok(Some(data)) => Ok(BodyPart::Data(data)),
+            Ok(None) => Ok(BodyPart::End),
+            Err(BodyError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(BodyPart::NotYet),
+            Err(e) => Err(e),
         }
     }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::outgoing::write_small;
 
-use crate::http::body::{Arrived, BodyError, BodyReader};
+use crate::http::body::{BodyError, BodyPart, BodyReader};
 use crate::http::{BodyKind, Framing, ReadBuf, ResponseHead, Version};
 use crate::splice::{splice, SpliceError};
 
@@ -33,15 +33,6 @@ impl RequestBody {
     pub fn is_done(&self) -> bool {
         self.reader.is_done()
     }
-}
-
-/// What has arrived of a body (a request's, or a streamed response's).
-pub enum BodyPart<'b> {
-    Data(&'b [u8]),
-    /// The body is complete.
-    End,
-    /// Nothing more for now: the rest has not arrived yet.
-    NotYet,
 }
 
 pub struct Downstream<'c> {
@@ -81,12 +72,7 @@ impl<'c> Downstream<'c> {
     /// the client. On `NotYet`, await [`WaitOn::Client`](crate::pipeline::WaitOn::Client).
     pub fn read_body(&mut self) -> Result<BodyPart<'_>, BodyError> {
         self.invite_body().map_err(BodyError::Io)?;
-        match self.body.reader.next(&mut Arrived(self.stream), self.buf) {
-            Ok(Some(data)) => Ok(BodyPart::Data(data)),
-            Ok(None) => Ok(BodyPart::End),
-            Err(BodyError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(BodyPart::NotYet),
-            Err(e) => Err(e),
-        }
+        self.body.reader.next_arrived(self.stream, self.buf)
     }
 
     /// Moves what has arrived of a fixed-length body from the client socket

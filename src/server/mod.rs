@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 
-pub use downstream::{BodyPart, Downstream};
+pub use downstream::Downstream;
 
 use crate::config::Config;
 use crate::http::Limits;

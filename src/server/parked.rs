@@ -1,8 +1,9 @@
-//! Everything waiting for a socket to become readable: idle keep-alive
+//! Everything waiting for a socket to become ready: idle keep-alive
 //! connections, connections whose request head is still arriving, and
-//! exchanges waiting for their upstream. Each lives here, keyed by the token
-//! its epoll registration carries, until a worker takes it on that event or
-//! its deadline passes.
+//! exchanges waiting for their upstream (its response, or the next piece of
+//! its body) or for their client (more of the request body, or room for the
+//! response). Each lives here, keyed by the token its epoll registration
+//! carries, until a worker takes it on that event or its deadline passes.
 //!
 //! Client sockets and pooled upstream connections are registered
 //! edge-triggered once, for their whole life, so no wait costs a system call
@@ -46,9 +47,9 @@ pub fn upstream_token(fd: RawFd, home: usize) -> u64 {
 pub enum Waiting {
     /// For the client's next bytes.
     Client(Conn),
-    /// An exchange waiting for what its pending response waits on (an
-    /// upstream's response, or more of the request body from the client);
-    /// the client connection waits with it.
+    /// An exchange waiting on a socket: the upstream's, or the client's (for
+    /// more of the request body, or room for the response). The client
+    /// connection waits with it.
     Exchange(Conn, Box<Suspended>),
     /// A wait past its deadline, for a worker to time out: the
     /// housekeeping thread only notices, workers do the work. The signal is
@@ -189,7 +190,7 @@ impl Parked {
         self.shard(token).lock().remove(&token);
     }
 
-    /// Parks an exchange until what it waits on is readable; the client
+    /// Parks an exchange until what it waits on is ready; the client
     /// stays busy meanwhile unless that is the client's own socket. Gives
     /// the exchange back if its socket already had an event. A descriptor
     /// that is neither a pooled connection nor the client is watched in `home`.

@@ -116,7 +116,7 @@ impl Reactor {
         Ok(())
     }
 
-    /// Blocks until registered sockets are readable and returns what
+    /// Blocks until registered sockets are ready and returns what
     /// happened to them (at most `events.len()`), or nothing once
     /// `timeout_ms` passes (-1: never).
     pub fn wait<'e>(
