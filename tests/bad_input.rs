@@ -174,3 +174,30 @@ fn a_client_that_disconnects_mid_body_does_not_disturb_others() {
     let resp = read_response(&mut std::io::BufReader::new(raw), false).unwrap();
     assert_eq!(resp.status, 200);
 }
+
+#[test]
+fn refused_uploads_linger_without_holding_the_worker() {
+    // An upload answered before its body is read (here 413) is read and
+    // dropped for up to 500 ms, so its client sees the answer rather than a
+    // reset. With one worker and no helpers, ten such at once must not hold
+    // a plain GET up for 500 ms each.
+    let backend = Backend::ok("fine");
+    let proxy = Proxy::with(
+        backend.addr,
+        Conf {
+            server: "workers = 1\nmax_workers = 1\nmax_body_size = 10",
+            ..Conf::default()
+        },
+    );
+    let mut uploads: Vec<Client> = (0..10).map(|_| Client::connect(proxy.addr)).collect();
+    for upload in &mut uploads {
+        upload.send("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\nsome");
+    }
+    let started = Instant::now();
+    assert_eq!(get(proxy.addr, "/").text(), "fine");
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(2500), "the GET took {took:?}");
+    for upload in &mut uploads {
+        assert_eq!(upload.response().status, 413);
+    }
+}

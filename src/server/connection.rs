@@ -7,7 +7,7 @@
 //! the exchange. Either way the worker moves on, so neither idle or slow
 //! clients nor slow upstreams hold a thread.
 
-use std::io::{self, Read};
+use std::io;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -33,12 +33,28 @@ pub struct Conn {
     pub slot: Option<OpenSlot>,
     /// The worker's epoll set it was accepted into, and stays in.
     pub home: usize,
+    /// Set once the connection is answered and closing with input unread.
+    pub linger: Option<Linger>,
 }
+
+/// Closing a socket with unread input sends RST, and an RST can make the
+/// client drop our response before reading it. So a connection answered
+/// before its request was read whole stops writing, then reads and drops
+/// what the client still sends, until it closes, for a bounded time and
+/// amount; it waits for those bytes parked, like any other connection.
+pub struct Linger {
+    until: Instant,
+    left: usize,
+}
+
+/// How long, and how much, a closing connection reads and drops.
+const LINGER_TIME: Duration = Duration::from_millis(500);
+const LINGER_BYTES: usize = 1 << 20;
 
 impl Conn {
     /// Gives up on a parked connection whose deadline passed.
     pub fn expire(self) {
-        if self.head_deadline.is_some() {
+        if self.head_deadline.is_some() && self.linger.is_none() {
             log::info!("{}: request head not received in time", self.peer);
             // Best effort and never waiting: the housekeeping thread calls this.
             let _ = write_error(
@@ -111,6 +127,9 @@ type Outcome = Result<bool, Box<Suspended>>;
 /// Serves a connection that epoll reported ready (perhaps spuriously:
 /// the read does not wait).
 pub fn serve(mut conn: Conn, shared: &Shared) -> Next {
+    if conn.linger.is_some() {
+        return drain(conn);
+    }
     match conn.buf.read_ready(&conn.stream) {
         Ok(0) => Next::Close,
         Ok(_) => drive(conn, shared),
@@ -136,20 +155,14 @@ fn drive(mut conn: Conn, shared: &Shared) -> Next {
             }
             Err(e) => {
                 log::info!("{}: bad request: {e}", conn.peer);
-                reject(&mut conn.stream, e, shared);
-                return Next::Close;
+                return reject(conn, e, shared);
             }
         };
         conn.buf.consume(len);
         conn.head_deadline = None;
         if conn.slot.is_none() {
             log::warn!("{}: over max_connections, answered 503", conn.peer);
-            reject(
-                &mut conn.stream,
-                HttpError::new(503, "too many connections"),
-                shared,
-            );
-            return Next::Close;
+            return reject(conn, HttpError::new(503, "too many connections"), shared);
         }
         match start(&mut conn, req, framing, shared) {
             // Pipelined: the next head is already (partly) here.
@@ -163,6 +176,7 @@ fn drive(mut conn: Conn, shared: &Shared) -> Next {
 /// pipelined request, parked, closed, or suspended with its exchange.
 fn after(conn: Conn, outcome: Outcome, shared: &Shared) -> Next {
     match outcome {
+        _ if conn.linger.is_some() => drain(conn),
         Ok(keep_alive) if !keep_alive || shared.shutting_down.load(Relaxed) => Next::Close,
         Ok(_) if conn.buf.is_empty() => park(conn, shared),
         Ok(_) => drive(conn, shared),
@@ -367,7 +381,7 @@ fn complete(
         request_id: &ex.ctx.request_id,
     });
     if !ex.body.is_done() {
-        linger(&mut conn.stream);
+        start_lingering(conn);
     }
     match written {
         Ok(keep_alive) => keep_alive,
@@ -392,10 +406,12 @@ fn complete(
 }
 
 /// Answers a refused request and closes gently.
-fn reject(stream: &mut TcpStream, error: HttpError, shared: &Shared) {
-    if write_error(stream, error, shared.write_timeout).is_ok() {
-        linger(stream);
+fn reject(mut conn: Conn, error: HttpError, shared: &Shared) -> Next {
+    if write_error(&conn.stream, error, shared.write_timeout).is_err() {
+        return Next::Close;
     }
+    start_lingering(&mut conn);
+    drain(conn)
 }
 
 /// Writes an error response with `Connection: close`.
@@ -414,25 +430,36 @@ fn write_error(stream: &TcpStream, error: HttpError, timeout: Duration) -> io::R
     write_small(stream, &out, timeout)
 }
 
-/// Closing a socket with unread input sends RST, and an RST can make the
-/// client drop our response before reading it. So: stop writing, then read
-/// and discard what the client still sends, for a bounded time and amount.
-fn linger(stream: &mut TcpStream) {
-    const MAX_TIME: Duration = Duration::from_millis(500);
-    const MAX_BYTES: usize = 1 << 20;
-    let _ = stream.shutdown(Shutdown::Write);
-    let _ = stream.set_nonblocking(false);
-    let until = Instant::now() + MAX_TIME;
-    let mut scratch = [0u8; 8192];
-    let mut discarded = 0;
-    while discarded < MAX_BYTES {
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
-            return;
-        }
-        match stream.read(&mut scratch) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => discarded += n,
+/// Stops writing to a connection answered with input still unread; see [`Linger`].
+fn start_lingering(conn: &mut Conn) {
+    let _ = conn.stream.shutdown(Shutdown::Write);
+    conn.head_deadline = None;
+    conn.linger = Some(Linger {
+        until: Instant::now() + LINGER_TIME,
+        left: LINGER_BYTES,
+    });
+}
+
+/// Reads and drops what a lingering connection's client has sent; parks it
+/// for more until its time is up, or closes it.
+fn drain(mut conn: Conn) -> Next {
+    let Some(linger) = conn.linger.as_mut() else {
+        return Next::Close;
+    };
+    loop {
+        match conn.buf.read_ready(&conn.stream) {
+            Ok(n) if n > 0 && n < linger.left => {
+                linger.left -= n;
+                conn.buf.consume(conn.buf.filled().len());
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < linger.until => {
+                let until = linger.until;
+                conn.buf.release();
+                return Next::Park(conn, until);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // The end, an error, too much, or too long.
+            _ => return Next::Close,
         }
     }
 }

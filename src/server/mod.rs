@@ -386,6 +386,7 @@ fn admit(shared: &Shared, home: usize, stream: TcpStream, peer: SocketAddr) -> i
         head_deadline: None,
         slot,
         home,
+        linger: None,
     };
     // A new connection may stay silent for header_timeout.
     let deadline = Instant::now() + shared.header_timeout;
