@@ -176,7 +176,7 @@ fn drive(mut conn: Conn, shared: &Shared) -> Next {
 /// pipelined request, parked, closed, or suspended with its exchange.
 fn after(conn: Conn, outcome: Outcome, shared: &Shared) -> Next {
     match outcome {
-        _ if conn.linger.is_some() => drain(conn),
+        Ok(_) if conn.linger.is_some() => drain(conn),
         Ok(keep_alive) if !keep_alive || shared.shutting_down.load(Relaxed) => Next::Close,
         Ok(_) if conn.buf.is_empty() => park(conn, shared),
         Ok(_) => drive(conn, shared),
