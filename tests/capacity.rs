@@ -508,7 +508,14 @@ fn slow_heads_and_waiting_pipelines_hold_only_their_bytes() {
             }
         }
     });
-    let proxy = Proxy::start(backend.addr);
+    // The slow heads must outlast the whole test, however loaded the machine.
+    let proxy = Proxy::with(
+        backend.addr,
+        Conf {
+            server: "header_timeout = \"60s\"",
+            ..Conf::default()
+        },
+    );
     let before = proxy.rss_kb();
     let mut slow = Vec::new();
     for _ in 0..1000 {
