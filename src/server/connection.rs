@@ -386,17 +386,8 @@ fn complete(
     match written {
         Ok(keep_alive) => keep_alive,
         Err(e) => {
-            let timed_out = matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            );
-            let why = if timed_out {
-                "client write timed out".to_owned()
-            } else {
-                e.to_string()
-            };
             log::info!(
-                "{} {}: response not completed: {why}",
+                "{} {}: response not completed: {e}",
                 ex.ctx.request_id,
                 conn.peer
             );
