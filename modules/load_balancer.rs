@@ -93,6 +93,7 @@ fn queue(group: Arc<Group>, hash: Option<u64>, ctx: &mut Context) -> Flow {
     match queued.poll_slot(ctx) {
         Some(Resumed::Respond(resp)) => Flow::Respond(resp),
         Some(Resumed::Continue) => Flow::Continue,
+        Some(Resumed::Await(pending)) => Flow::Await(pending),
         None => Flow::Await(Box::new(queued)),
     }
 }

@@ -7,7 +7,7 @@ use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
@@ -233,6 +233,8 @@ struct Forward {
 
 enum Phase {
     Idle,
+    /// A new connection opening, until the deadline (the connect timeout).
+    Connecting(Pooled, Instant),
     /// The head is upstream; the body follows as it arrives from the client.
     Sending(Pooled),
     Waiting(Pooled),
@@ -242,18 +244,19 @@ enum Phase {
 impl PendingResponse for Forward {
     fn wait_on(&self) -> WaitOn {
         match &self.phase {
-            Phase::Waiting(conn) => WaitOn::Pooled {
+            Phase::Connecting(conn, _) | Phase::Waiting(conn) => WaitOn::Pooled {
                 fd: conn.stream().as_raw_fd(),
                 home: conn.home(),
             },
             Phase::Sending(_) => WaitOn::Client,
             Phase::Backoff(timer) => WaitOn::Fd(timer.fd()),
-            Phase::Idle => unreachable!("awaited only when sending, sent or backing off"),
+            Phase::Idle => unreachable!("awaited only when connecting, sending, sent or backing off"),
         }
     }
 
     fn timeout(&self) -> Duration {
         match self.phase {
+            Phase::Connecting(_, by) => by.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)),
             Phase::Sending(_) => self.body_timeout,
             _ => self.pool.limits().read_timeout,
         }
@@ -262,6 +265,12 @@ impl PendingResponse for Forward {
     fn poll(&mut self, req: &Request, client: &mut Downstream, ctx: &mut Context) -> Option<Resumed> {
         let step = match self.phase {
             Phase::Backoff(_) => self.send(req, client, ctx).map(|()| None),
+            Phase::Connecting(..) => {
+                let Phase::Connecting(conn, by) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+                    unreachable!("matched just above")
+                };
+                self.when_open(conn, by, req, client, ctx).map(|()| None)
+            }
             Phase::Sending(_) => self.send_body(client).map(|()| None),
             _ => self.progress(req, client, ctx),
         };
@@ -272,10 +281,22 @@ impl PendingResponse for Forward {
         }
     }
 
-    fn timed_out(self: Box<Self>, _req: &Request, ctx: &mut Context) -> Resumed {
-        if let Phase::Sending(_) = self.phase {
+    fn timed_out(mut self: Box<Self>, req: &Request, ctx: &mut Context) -> Resumed {
+        match self.phase {
             // The client's fault: the upstream connection, mid-request, closes.
-            return Resumed::Respond(answer(Failure::new(408, "request body timed out"), ctx, self.addr));
+            Phase::Sending(_) => {
+                return Resumed::Respond(answer(Failure::new(408, "request body timed out"), ctx, self.addr));
+            }
+            // Nothing was sent: another server may take it.
+            Phase::Connecting(..) => {
+                record(ctx, Outcome::Failed);
+                return match self.back_off(req, ctx, "connect timed out") {
+                    Retry::BackingOff => Resumed::Await(self),
+                    Retry::Failed(resp) => Resumed::Respond(resp),
+                    Retry::NotAllowed => Resumed::Respond(answer(Failure::new(504, "upstream connect timed out"), ctx, self.addr)),
+                };
+            }
+            _ => {}
         }
         // Not retried: the request may still be in progress upstream.
         record(ctx, Outcome::Failed);
@@ -291,7 +312,7 @@ impl Forward {
         // A request that can be sent twice is, on a fresh connection, if a
         // reused one turns out closed: no need to peek at it first.
         let replayable = req.is_idempotent() && self.bodiless;
-        let mut conn = loop {
+        let conn = loop {
             let checkout = match replayable {
                 true => self.pool.checkout_unchecked(self.addr),
                 false => self.pool.checkout(self.addr),
@@ -303,29 +324,68 @@ impl Forward {
                     if !matches!(e, PoolError::Exhausted) {
                         record(ctx, Outcome::Failed);
                     }
-                    let f = Failure::pool(e);
-                    match next_server(ctx, req) {
-                        Some(next) => {
-                            log::debug!("{} upstream {}: {}; trying {next}", ctx.request_id, self.addr, f.reason);
-                            self.addr = next;
-                        }
-                        None => return Err(Failure { recorded: true, ..f }),
-                    }
+                    self.move_on(Failure::pool(e), req, ctx)?;
                 }
             }
         };
+        self.replay = conn.reused && replayable;
+        self.when_open(conn, self.connect_deadline(), req, downstream, ctx)
+    }
+
+    fn connect_deadline(&self) -> Instant {
+        Instant::now() + self.pool.limits().connect_timeout
+    }
+
+    /// Sends the request on `conn` once it is open; until then (a new
+    /// connection's handshake) waits for it, up to `connect_by`.
+    fn when_open(
+        &mut self,
+        mut conn: Pooled,
+        connect_by: Instant,
+        req: &Request,
+        downstream: &mut Downstream,
+        ctx: &mut Context,
+    ) -> Result<(), Failure> {
+        match conn.connected() {
+            Ok(true) => self.write_request(conn, req, downstream, ctx),
+            Ok(false) => {
+                self.phase = Phase::Connecting(conn, connect_by);
+                Ok(())
+            }
+            Err(e) => {
+                drop(conn);
+                record(ctx, Outcome::Failed);
+                self.move_on(Failure::pool(PoolError::Connect(e)), req, ctx)?;
+                self.send(req, downstream, ctx)
+            }
+        }
+    }
+
+    /// Writes the head on an open connection (once more on a new one if a
+    /// reused one turns out closed), then the body as it arrives.
+    fn write_request(&mut self, mut conn: Pooled, req: &Request, downstream: &mut Downstream, ctx: &mut Context) -> Result<(), Failure> {
         if let Err(f) = write_head(&mut conn, &self.head) {
-            if !(f.before_response && conn.reused && replayable) {
+            if !(f.before_response && self.replay) {
                 return Err(f);
             }
             log::debug!("{} reused connection to {} failed ({}); retrying", ctx.request_id, self.addr, f.reason);
-            conn = self.pool.checkout_fresh(self.addr).map_err(Failure::pool)?;
-            write_head(&mut conn, &self.head)?;
+            self.replay = false;
+            let fresh = self.pool.checkout_fresh(self.addr).map_err(Failure::pool)?;
+            return self.when_open(fresh, self.connect_deadline(), req, downstream, ctx);
         }
-        self.replay = conn.reused && replayable;
         self.received_any = false;
         self.phase = Phase::Sending(conn);
         self.send_body(downstream)
+    }
+
+    /// After `f`, on to another server if the lease allows one; else `f` stands.
+    fn move_on(&mut self, f: Failure, req: &Request, ctx: &mut Context) -> Result<(), Failure> {
+        let Some(next) = next_server(ctx, req) else {
+            return Err(Failure { recorded: true, ..f });
+        };
+        log::debug!("{} upstream {}: {}; trying {next}", ctx.request_id, self.addr, f.reason);
+        self.addr = next;
+        Ok(())
     }
 
     /// Forwards what has arrived of the request body, and once all of it
@@ -396,12 +456,8 @@ impl Forward {
             Err(f) if f.before_response && self.replay => {
                 self.replay = false;
                 log::debug!("{} reused connection to {} closed; retrying", ctx.request_id, self.addr);
-                let mut conn = self.pool.checkout_fresh(self.addr).map_err(Failure::pool)?;
-                let up = conn.conn();
-                up.stream
-                    .write_all(&self.head)
-                    .map_err(|e| Failure::upstream_io("write", &e, false))?;
-                self.phase = Phase::Waiting(conn);
+                let conn = self.pool.checkout_fresh(self.addr).map_err(Failure::pool)?;
+                self.when_open(conn, self.connect_deadline(), req, client, ctx)?;
                 Ok(None)
             }
             Err(f) => Err(f),

@@ -108,6 +108,9 @@ pub enum WaitOn {
 pub enum Resumed {
     Respond(Response),
     Continue,
+    /// Wait again, on what this now waits on: a timed-out wait that moved
+    /// on to something else (another server, after a connect timeout).
+    Await(Box<dyn PendingResponse>),
 }
 
 /// A file descriptor that becomes readable when notified: for a

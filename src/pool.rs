@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
 use parking_lot::{Condvar, Mutex, RwLock};
+use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::Config;
 use crate::http::ReadBuf;
@@ -115,6 +116,8 @@ pub struct Upstream {
     pub buf: ReadBuf,
     /// The home of the thread that opened it (below the pool's number of homes).
     home: usize,
+    /// Opened without waiting, and its handshake not yet seen done.
+    connecting: bool,
 }
 
 #[derive(Debug)]
@@ -271,9 +274,19 @@ impl Pool {
         }
     }
 
+    /// Starts opening a connection and returns without waiting for the
+    /// handshake: a server that drops SYNs would otherwise hold the caller's
+    /// thread for the whole connect timeout. The event loop reports the
+    /// connection writable once open (see [`Pooled::connected`]).
     fn connect(&self, addr: SocketAddr) -> io::Result<Upstream> {
-        let stream = TcpStream::connect_timeout(&addr, self.limits.connect_timeout)?;
-        stream.set_nodelay(true)?;
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_nonblocking(true)?;
+        socket.set_tcp_nodelay(true)?;
+        match socket.connect(&addr.into()) {
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            other => other?,
+        }
+        let stream = TcpStream::from(socket);
         stream.set_read_timeout(Some(self.limits.read_timeout))?;
         stream.set_write_timeout(Some(self.limits.write_timeout))?;
         let home = self.caller_home();
@@ -284,6 +297,7 @@ impl Pool {
             stream,
             buf: ReadBuf::default(),
             home,
+            connecting: true,
         })
     }
 
@@ -375,6 +389,27 @@ impl Pooled {
         self.conn
             .as_mut()
             .expect("connection present until released")
+    }
+
+    /// Whether a new connection's handshake is done (always, for a reused
+    /// one); the error it failed with, if it did. Once open, the socket
+    /// blocks again, bounded by the write timeout, for what is written to it.
+    pub fn connected(&mut self) -> io::Result<bool> {
+        let conn = self.conn();
+        if !conn.connecting {
+            return Ok(true);
+        }
+        if let Some(e) = conn.stream.take_error()? {
+            return Err(e);
+        }
+        match conn.stream.peer_addr() {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        conn.stream.set_nonblocking(false)?;
+        conn.connecting = false;
+        Ok(true)
     }
 
     /// Returns a connection whose last response ended cleanly to its home's
@@ -508,6 +543,35 @@ mod tests {
             .unwrap();
         std::thread::sleep(Duration::from_millis(50));
         assert!(!pool.checkout(addr).unwrap().reused);
+    }
+
+    #[test]
+    fn a_new_connection_reports_its_handshake_done_or_refused() {
+        let pool = Pool::new(limits(), 1);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut opened = pool.checkout(listener.local_addr().unwrap()).unwrap();
+        assert!(!opened.reused);
+        let until = Instant::now() + Duration::from_secs(5);
+        while !opened.connected().unwrap() {
+            assert!(Instant::now() < until, "the handshake never ended");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Blocking again once open, for writes bounded by the write timeout.
+        // SAFETY: reads the flags of a socket we own.
+        let flags = unsafe { libc::fcntl(opened.stream().as_raw_fd(), libc::F_GETFL) };
+        assert_eq!(flags & libc::O_NONBLOCK, 0);
+
+        let refused = listener.local_addr().unwrap();
+        drop(listener);
+        let mut refusing = pool.checkout(refused).unwrap();
+        let error = loop {
+            match refusing.connected() {
+                Ok(false) => std::thread::sleep(Duration::from_millis(1)),
+                Ok(true) => panic!("connected to a closed port"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -27,6 +27,24 @@ fn closed_port() -> SocketAddr {
         .unwrap()
         .local_addr()
         .unwrap()
+}
+
+/// An address whose connections never open: its listener's queue (the
+/// shortest there is) is full and never accepted from, so the kernel drops
+/// further SYNs, as a firewall that drops them would. Keep what it returns.
+fn unanswered() -> (SocketAddr, socket2::Socket, Vec<TcpStream>) {
+    let listener =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    listener.bind(&any.into()).unwrap();
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    while let Ok(filler) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+        fillers.push(filler);
+        assert!(fillers.len() < 16, "the queue never filled");
+    }
+    (addr, listener, fillers)
 }
 
 /// A proxy whose `api` group has `servers` (TOML inline tables) and `extra`
@@ -544,6 +562,66 @@ fn a_refused_connection_is_retried_on_another_server_but_post_is_not() {
         "the POST that met the dead server is not retried"
     );
     proxy.wait_for_log("upstream refused the connection → 502");
+}
+
+#[test]
+fn a_connect_timeout_moves_on_to_another_server() {
+    let (dark, _listener, _fillers) = unanswered();
+    let good = named("good");
+    let mut proxy = proxy_for(
+        "",
+        &[server(dark, ""), server(good.addr, "")],
+        "[upstreams.api.outlier]\nmax_fails = 0\n[upstream]\nconnect_timeout = \"300ms\"\n",
+    );
+    // Round-robin sends the first request (and, as the retry takes a turn
+    // too, every later one) to the dark server first.
+    assert!(bodies(&proxy, 4, "/", |_| String::new())
+        .iter()
+        .all(|b| b == "good"));
+    proxy.wait_for_log("connect timed out; retrying on");
+}
+
+#[test]
+fn unanswered_connects_hold_no_worker() {
+    // One worker and no helpers: a request waiting for its connection to
+    // open must wait like an idle connection does, not on the worker's thread.
+    let (dark, _listener, _fillers) = unanswered();
+    let good = named("good");
+    let mut proxy = Proxy::with(
+        closed_port(),
+        Conf {
+            server: "workers = 1\nmax_workers = 1",
+            rest: &format!(
+                "[upstream]\nconnect_timeout = \"2s\"\n\
+                 [upstreams.dark]\nservers = [{}]\n[upstreams.api]\nservers = [{}]\n\
+                 [[routes]]\npath_prefix = \"/dark/\"\nupstream = \"dark\"\n\
+                 [[routes]]\npath_prefix = \"/\"\nupstream = \"api\"\n",
+                server(dark, ""),
+                server(good.addr, "")
+            ),
+        },
+    );
+    let mut waiting: Vec<Client> = (0..3)
+        .map(|i| {
+            let mut client = Client::connect(proxy.addr);
+            client.send(format!("GET /dark/{i} HTTP/1.1\r\nHost: t\r\n\r\n"));
+            client
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(100));
+    let started = Instant::now();
+    for i in 0..10 {
+        assert_eq!(get(proxy.addr, &format!("/{i}")).text(), "good");
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(1500),
+        "10 requests took {took:?}"
+    );
+    for client in &mut waiting {
+        assert_eq!(client.response().status, 504);
+    }
+    proxy.wait_for_log("upstream connect timed out → 504");
 }
 
 #[test]

@@ -220,11 +220,14 @@ fn run(conn: &mut Conn, mut ex: Exchange, shared: &Shared) -> Outcome {
     ex.ran = ran;
     match handled {
         Handled::Respond(resp) => finish(conn, ex, resp, shared),
-        Handled::Await(pending) => {
-            let timeout = pending.timeout();
-            Err(Suspended::new(ex, Awaiting::Stage(pending), timeout))
-        }
+        Handled::Await(pending) => Err(await_stage(ex, pending)),
     }
+}
+
+/// Suspends an exchange on a stage's pending response.
+fn await_stage(ex: Exchange, pending: Box<dyn PendingResponse>) -> Box<Suspended> {
+    let timeout = pending.timeout();
+    Suspended::new(ex, Awaiting::Stage(pending), timeout)
 }
 
 fn suspend(mut conn: Conn, suspended: Box<Suspended>) -> Next {
@@ -314,6 +317,7 @@ fn proceed(mut conn: Conn, exchange: Exchange, resumed: Resumed, shared: &Shared
     let outcome = match resumed {
         Resumed::Respond(resp) => finish(&mut conn, exchange, resp, shared),
         Resumed::Continue => run(&mut conn, exchange, shared),
+        Resumed::Await(pending) => Err(await_stage(exchange, pending)),
     };
     after(conn, outcome, shared)
 }

@@ -112,7 +112,7 @@ impl Server {
         // that opens them (the pool hands them back to that worker first).
         let watchers = reactors.clone();
         pool.watch_opened(move |fd, home| {
-            watchers[home].add_edge(fd, parked::upstream_token(fd, home))
+            watchers[home].add_socket(fd, parked::upstream_token(fd, home))
         });
         let upstreams = Upstreams::from_config(config)?;
         let services = Services::default();

@@ -158,7 +158,7 @@ impl Parked {
         let token = conn.token;
         let fd = conn.stream.as_raw_fd();
         self.store(token, Slot::Parked(Waiting::Client(conn), deadline));
-        if let Err(e) = reactor.add_client(fd, token) {
+        if let Err(e) = reactor.add_socket(fd, token) {
             log::error!("cannot watch a client socket: {e}");
             self.close(token);
         }

@@ -57,18 +57,12 @@ impl Reactor {
         self.ctl(libc::EPOLL_CTL_ADD, fd, token, ONE_SHOT)
     }
 
-    /// Watches `fd` for its whole life, edge-triggered: every arrival of
-    /// bytes (or of the peer's FIN) reports `token` once, with no re-arming
-    /// between waits.
-    pub fn add_edge(&self, fd: RawFd, token: u64) -> io::Result<()> {
-        let events = libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET;
-        self.ctl(libc::EPOLL_CTL_ADD, fd, token, events)
-    }
-
-    /// Watches a client socket for its whole life, edge-triggered: like
-    /// [`add_edge`](Self::add_edge), and also when a full socket has room
-    /// again, for a response waiting to be written.
-    pub fn add_client(&self, fd: RawFd, token: u64) -> io::Result<()> {
+    /// Watches a socket for its whole life, edge-triggered: every arrival
+    /// of bytes (or of the peer's FIN) reports `token` once, with no
+    /// re-arming between waits; so does a full socket having room again
+    /// (for a response waiting to be written) and a new connection's
+    /// handshake ending.
+    pub fn add_socket(&self, fd: RawFd, token: u64) -> io::Result<()> {
         let events = libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET;
         self.ctl(libc::EPOLL_CTL_ADD, fd, token, events)
     }
