@@ -20,7 +20,7 @@ use crate::pipeline::{
 };
 use crate::upstream::retry::retry_after;
 use crate::upstream::{Lease, Outcome};
-use crate::pool::{Pool, PoolError, Pooled};
+use crate::pool::{Pool, PoolError, Pooled, Turn};
 use crate::splice::SpliceError;
 
 /// Last: it answers every request that reaches it.
@@ -233,6 +233,9 @@ struct Forward {
 
 enum Phase {
     Idle,
+    /// In line for a connection at `max_conns_per_host`, until the
+    /// deadline (the connect timeout).
+    Queued(Turn, Instant),
     /// A new connection opening, until the deadline (the connect timeout).
     Connecting(Pooled, Instant),
     /// The head is upstream; the body follows as it arrives from the client.
@@ -250,13 +253,14 @@ impl PendingResponse for Forward {
             },
             Phase::Sending(_) => WaitOn::Client,
             Phase::Backoff(timer) => WaitOn::Fd(timer.fd()),
-            Phase::Idle => unreachable!("awaited only when connecting, sending, sent or backing off"),
+            Phase::Queued(turn, _) => WaitOn::Fd(turn.fd()),
+            Phase::Idle => unreachable!("awaited only when queued, connecting, sending, sent or backing off"),
         }
     }
 
     fn timeout(&self) -> Duration {
         match self.phase {
-            Phase::Connecting(_, by) => by.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)),
+            Phase::Queued(_, by) | Phase::Connecting(_, by) => by.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)),
             Phase::Sending(_) => self.body_timeout,
             _ => self.pool.limits().read_timeout,
         }
@@ -264,7 +268,7 @@ impl PendingResponse for Forward {
 
     fn poll(&mut self, req: &Request, client: &mut Downstream, ctx: &mut Context) -> Option<Resumed> {
         let step = match self.phase {
-            Phase::Backoff(_) => self.send(req, client, ctx).map(|()| None),
+            Phase::Backoff(_) | Phase::Queued(..) => self.send(req, client, ctx).map(|()| None),
             Phase::Connecting(..) => {
                 let Phase::Connecting(conn, by) = std::mem::replace(&mut self.phase, Phase::Idle) else {
                     unreachable!("matched just above")
@@ -288,12 +292,19 @@ impl PendingResponse for Forward {
                 return Resumed::Respond(answer(Failure::new(408, "request body timed out"), ctx, self.addr));
             }
             // Nothing was sent: another server may take it.
-            Phase::Connecting(..) => {
-                record(ctx, Outcome::Failed);
-                return match self.back_off(req, ctx, "connect timed out") {
+            Phase::Queued(..) | Phase::Connecting(..) => {
+                let f = match self.phase {
+                    // Our own connection limit says nothing about the server's health.
+                    Phase::Queued(..) => Failure::pool(PoolError::Exhausted),
+                    _ => {
+                        record(ctx, Outcome::Failed);
+                        Failure::new(504, "upstream connect timed out")
+                    }
+                };
+                return match self.back_off(req, ctx, &f.reason) {
                     Retry::BackingOff => Resumed::Await(self),
                     Retry::Failed(resp) => Resumed::Respond(resp),
-                    Retry::NotAllowed => Resumed::Respond(answer(Failure::new(504, "upstream connect timed out"), ctx, self.addr)),
+                    Retry::NotAllowed => Resumed::Respond(answer(f, ctx, self.addr)),
                 };
             }
             _ => {}
@@ -308,23 +319,40 @@ impl Forward {
     /// Connects (moving on to another server at once when a connection
     /// cannot be opened: nothing reached the first) and sends the request.
     fn send(&mut self, req: &Request, downstream: &mut Downstream, ctx: &mut Context) -> Result<(), Failure> {
-        self.phase = Phase::Idle;
+        // Woken in line: the same connect timeout bounds the whole wait.
+        let mut queued_until = match std::mem::replace(&mut self.phase, Phase::Idle) {
+            Phase::Queued(_, until) => Some(until),
+            _ => None,
+        };
         // A request that can be sent twice is, on a fresh connection, if a
         // reused one turns out closed: no need to peek at it first.
         let replayable = req.is_idempotent() && self.bodiless;
+        let mut turn = None;
         let conn = loop {
             let checkout = match replayable {
                 true => self.pool.checkout_unchecked(self.addr),
                 false => self.pool.checkout(self.addr),
             };
+            let until = *queued_until.get_or_insert_with(|| self.connect_deadline());
             match checkout {
                 Ok(conn) => break conn,
+                Err(PoolError::Exhausted) if Instant::now() < until => match turn.take() {
+                    Some(turn) => {
+                        self.phase = Phase::Queued(turn, until);
+                        return Ok(());
+                    }
+                    None => {
+                        let joined = self.pool.wait_turn(self.addr);
+                        turn = Some(joined.map_err(|e| Failure::new(503, format!("cannot wait for a connection: {e}")))?);
+                    }
+                },
                 Err(e) => {
                     // Our own connection limit says nothing about the server's health.
                     if !matches!(e, PoolError::Exhausted) {
                         record(ctx, Outcome::Failed);
                     }
                     self.move_on(Failure::pool(e), req, ctx)?;
+                    (turn, queued_until) = (None, None);
                 }
             }
         };

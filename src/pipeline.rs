@@ -11,6 +11,7 @@ use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -151,6 +152,50 @@ impl Signal {
         let mut count = [0u8; 8];
         // SAFETY: reads 8 bytes into a valid buffer from our non-blocking eventfd.
         unsafe { libc::read(self.fd(), count.as_mut_ptr().cast(), 8) };
+    }
+}
+
+/// Requests waiting their turn for something that frees up (a server
+/// slot, a pooled connection), each on its own [`Signal`], woken one at a
+/// time in the order they came. One that joins just after a release is
+/// woken by nobody, so it looks once more after joining.
+#[derive(Default)]
+pub struct Waiters {
+    queue: parking_lot::Mutex<std::collections::VecDeque<Arc<Signal>>>,
+    /// Its length, read without the lock on every release.
+    len: AtomicUsize,
+}
+
+impl Waiters {
+    /// Queues `waiter`, unless `max` wait already: false then.
+    pub fn push(&self, waiter: &Arc<Signal>, max: usize) -> bool {
+        let mut queue = self.queue.lock();
+        if queue.len() >= max {
+            return false;
+        }
+        queue.push_back(waiter.clone());
+        self.len.fetch_add(1, SeqCst);
+        true
+    }
+
+    /// Takes a waiter that stopped waiting out of the queue.
+    pub fn remove(&self, waiter: &Arc<Signal>) {
+        let mut queue = self.queue.lock();
+        if let Some(i) = queue.iter().position(|w| Arc::ptr_eq(w, waiter)) {
+            queue.remove(i);
+            self.len.fetch_sub(1, SeqCst);
+        }
+    }
+
+    /// Wakes the one waiting longest, if any.
+    pub fn wake_one(&self) {
+        if self.len.load(SeqCst) == 0 {
+            return;
+        }
+        if let Some(waiter) = self.queue.lock().pop_front() {
+            self.len.fetch_sub(1, SeqCst);
+            waiter.notify();
+        }
     }
 }
 

@@ -11,25 +11,27 @@
 //! exchange stays on one thread, and each home's stack has its own lock,
 //! which stays in that worker's core's cache; only when its own stack is
 //! empty does a worker take another home's connection.
+//!
+//! A checkout never waits: a new connection is handed out before its
+//! handshake ends, and at `max_conns_per_host` the request joins the
+//! address's line ([`Turn`]); either way it waits on the event loop.
 
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{
-    AtomicU64, AtomicUsize,
-    Ordering::{Relaxed, SeqCst},
-};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
-use parking_lot::{Condvar, Mutex, RwLock};
+use parking_lot::{Mutex, RwLock};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::Config;
 use crate::http::ReadBuf;
+use crate::pipeline::{Signal, Waiters};
 
 pub struct Pool {
     /// Keyed by backend addresses, which come from the config: foldhash,
@@ -95,12 +97,9 @@ struct Host {
     idle: Box<[CachePadded<Mutex<Idle>>]>,
     /// Idle plus checked-out connections; changes only when one opens or closes.
     open: Mutex<usize>,
-    /// Signalled, under `open`'s lock, whenever a connection slot frees up
-    /// or a connection goes idle while checkouts wait for one.
-    freed: Condvar,
-    /// Checkouts waiting at `max_conns_per_host`: only then does a release
-    /// take `open`'s lock to signal.
-    waiting: AtomicUsize,
+    /// Requests waiting at `max_conns_per_host`: one is woken whenever a
+    /// connection goes idle or closes.
+    waiters: Waiters,
 }
 
 #[derive(Default)]
@@ -123,8 +122,29 @@ pub struct Upstream {
 #[derive(Debug)]
 pub enum PoolError {
     Connect(io::Error),
-    /// `max_conns_per_host` connections were busy for the whole connect timeout.
+    /// `max_conns_per_host` connections are open and none is idle: wait
+    /// for one with [`Pool::wait_turn`].
     Exhausted,
+}
+
+/// A request's place in line for a connection (see [`Pool::wait_turn`]);
+/// it leaves the line when dropped.
+pub struct Turn {
+    host: Arc<Host>,
+    signal: Arc<Signal>,
+}
+
+impl Turn {
+    /// Readable once it may be this request's turn.
+    pub fn fd(&self) -> RawFd {
+        self.signal.fd()
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        self.host.waiters.remove(&self.signal);
+    }
 }
 
 /// A checked-out connection. Dropping it closes it; [`Pooled::release`] returns it.
@@ -190,8 +210,7 @@ impl Pool {
                 Arc::new(Host {
                     idle: (0..self.homes).map(|_| CachePadded::default()).collect(),
                     open: Mutex::new(0),
-                    freed: Condvar::new(),
-                    waiting: AtomicUsize::new(0),
+                    waiters: Waiters::default(),
                 })
             })
             .clone()
@@ -221,48 +240,47 @@ impl Pool {
     ) -> Result<Pooled, PoolError> {
         let host = self.host(addr);
         let home = self.caller_home();
-        let deadline = Instant::now() + self.limits.connect_timeout;
-        loop {
-            if reuse != Reuse::Never {
-                // The liveness check is a syscall: not under a lock.
-                while let Some((conn, since)) = host.take_idle(home) {
-                    let fresh_enough = since.elapsed() < self.limits.idle_timeout;
-                    if fresh_enough && (reuse == Reuse::Unchecked || is_alive(&conn.stream)) {
-                        return Ok(self.pooled(conn, host, true));
-                    }
-                    // Counted as a hit when taken (from its home's stack): it was not one.
-                    let from = conn.home;
-                    drop(conn);
-                    host.idle[from].lock().hits -= 1;
-                    self.evictions.fetch_add(1, Relaxed);
-                    *host.open.lock() -= 1;
+        if reuse != Reuse::Never {
+            // The liveness check is a syscall: not under a lock.
+            while let Some((conn, since)) = host.take_idle(home) {
+                let fresh_enough = since.elapsed() < self.limits.idle_timeout;
+                if fresh_enough && (reuse == Reuse::Unchecked || is_alive(&conn.stream)) {
+                    return Ok(self.pooled(conn, host, true));
                 }
-            }
-            let mut open = host.open.lock();
-            let max = self.limits.max_conns_per_host;
-            if max == 0 || *open < max {
-                *open += 1;
-                drop(open);
-                self.misses.fetch_add(1, Relaxed);
-                return match self.connect(addr) {
-                    Ok(conn) => Ok(self.pooled(conn, host, false)),
-                    Err(e) => {
-                        host.closed();
-                        Err(PoolError::Connect(e))
-                    }
-                };
-            }
-            // Say so before looking once more, so a connection released
-            // after that look signals (see `Pooled::release`).
-            host.waiting.fetch_add(1, SeqCst);
-            let idle_now = reuse != Reuse::Never
-                && host.idle.iter().any(|stack| !stack.lock().stack.is_empty());
-            let timed_out = !idle_now && host.freed.wait_until(&mut open, deadline).timed_out();
-            host.waiting.fetch_sub(1, SeqCst);
-            if timed_out {
-                return Err(PoolError::Exhausted);
+                // Counted as a hit when taken (from its home's stack): it was not one.
+                let from = conn.home;
+                drop(conn);
+                host.idle[from].lock().hits -= 1;
+                self.evictions.fetch_add(1, Relaxed);
+                host.closed();
             }
         }
+        let mut open = host.open.lock();
+        let max = self.limits.max_conns_per_host;
+        if max != 0 && *open >= max {
+            return Err(PoolError::Exhausted);
+        }
+        *open += 1;
+        drop(open);
+        self.misses.fetch_add(1, Relaxed);
+        match self.connect(addr) {
+            Ok(conn) => Ok(self.pooled(conn, host, false)),
+            Err(e) => {
+                host.closed();
+                Err(PoolError::Connect(e))
+            }
+        }
+    }
+
+    /// Joins the line for a connection to `addr`, after a checkout met
+    /// `max_conns_per_host`: the turn's signal fires when one goes idle or
+    /// closes. Check out once more after joining: one freed just before
+    /// woke nobody.
+    pub fn wait_turn(&self, addr: SocketAddr) -> io::Result<Turn> {
+        let host = self.host(addr);
+        let signal = Arc::new(Signal::new()?);
+        host.waiters.push(&signal, usize::MAX);
+        Ok(Turn { host, signal })
     }
 
     fn pooled(self: &Arc<Self>, conn: Upstream, host: Arc<Host>, reused: bool) -> Pooled {
@@ -314,9 +332,8 @@ impl Pool {
                 evicted += before - idle.stack.len();
             }
             if evicted > 0 {
-                *host.open.lock() -= evicted;
                 self.evictions.fetch_add(evicted as u64, Relaxed);
-                host.freed.notify_all();
+                (0..evicted).for_each(|_| host.closed());
             }
         }
     }
@@ -338,7 +355,7 @@ impl Host {
     /// A connection closed: its slot is free.
     fn closed(&self) {
         *self.open.lock() -= 1;
-        self.freed.notify_one();
+        self.waiters.wake_one();
     }
 }
 
@@ -430,11 +447,7 @@ impl Pooled {
         }
         idle.stack.push((conn, Instant::now()));
         drop(idle);
-        // Pairs with the checkout that counts itself waiting, then looks.
-        if host.waiting.load(SeqCst) > 0 {
-            let _open = host.open.lock();
-            host.freed.notify_one();
-        }
+        host.waiters.wake_one();
     }
 }
 
@@ -574,21 +587,43 @@ mod tests {
         assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
     }
 
+    /// Whether `fd` is readable now.
+    fn readable(fd: RawFd) -> bool {
+        let mut poll = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polls one valid pollfd without waiting.
+        unsafe { libc::poll(&mut poll, 1, 0) == 1 }
+    }
+
     #[test]
-    fn max_conns_waits_then_gives_up() {
+    fn at_max_conns_requests_wait_their_turn_in_line() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let pool = Pool::new(limits(), 1);
-        let _a = pool.checkout(addr).unwrap();
+        let a = pool.checkout(addr).unwrap();
         let b = pool.checkout(addr).unwrap();
         assert!(matches!(pool.checkout(addr), Err(PoolError::Exhausted)));
-        let waiter = {
-            let pool = pool.clone();
-            std::thread::spawn(move || pool.checkout(addr).map(|c| c.reused))
-        };
-        std::thread::sleep(Duration::from_millis(50));
+        let first = pool.wait_turn(addr).unwrap();
+        let second = pool.wait_turn(addr).unwrap();
+        assert!(!readable(first.fd()) && !readable(second.fd()));
         b.release();
-        assert!(matches!(waiter.join().unwrap(), Ok(true)));
+        assert!(readable(first.fd()), "an idle connection wakes the first");
+        assert!(!readable(second.fd()));
+        let again = pool.checkout(addr).unwrap();
+        assert!(again.reused);
+        drop(a);
+        assert!(readable(second.fd()), "a closed one wakes the next");
+        let opened = pool.checkout(addr).unwrap();
+        assert!(!opened.reused);
+        let gone = pool.wait_turn(addr).unwrap();
+        let next = pool.wait_turn(addr).unwrap();
+        drop(gone);
+        again.release();
+        assert!(readable(next.fd()), "one that left the line is passed over");
+        drop((first, second, opened));
     }
 
     #[test]

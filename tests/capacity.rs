@@ -3,6 +3,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -273,7 +274,24 @@ fn slow_readers_hold_no_worker() {
 /// reads nothing of a `PUT /stall`'s body until then (and then answers with
 /// the body's length).
 fn stalling_backend(release: Arc<AtomicBool>) -> Backend {
-    Backend::raw(move |stream| {
+    stalling_backend_on(TcpListener::bind("127.0.0.1:0").unwrap(), release)
+}
+
+/// A stalling backend whose connections have little room for what it does
+/// not read: a body sent to it fills the sockets between it and the proxy
+/// with kilobytes, not megabytes.
+fn narrow_stalling_backend(release: Arc<AtomicBool>) -> Backend {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    // Set before listening, so connections start with a window that fits.
+    socket.set_recv_buffer_size(16 << 10).unwrap();
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    socket.bind(&any.into()).unwrap();
+    socket.listen(128).unwrap();
+    stalling_backend_on(socket.into(), release)
+}
+
+fn stalling_backend_on(listener: TcpListener, release: Arc<AtomicBool>) -> Backend {
+    Backend::on(listener, move |stream| {
         let mut reader = BufReader::new(stream.try_clone().unwrap());
         let mut stream = stream;
         let released = || {
@@ -368,9 +386,8 @@ fn finish_download(mut client: Client) {
 /// Uploads more to `PUT /stall` than the sockets between the proxy and the
 /// stalling backend hold: the worker writing it upstream is held until the
 /// backend reads. Returns the response, once there is one.
-fn upload_to_a_stalled_upstream(addr: std::net::SocketAddr) -> thread::JoinHandle<String> {
+fn upload_to_a_stalled_upstream(mut client: Client) -> thread::JoinHandle<String> {
     const SIZE: usize = 48 << 20;
-    let mut client = Client::connect(addr);
     client.send(format!(
         "PUT /stall HTTP/1.1\r\nHost: a\r\nContent-Length: {SIZE}\r\n\r\n"
     ));
@@ -414,7 +431,7 @@ fn a_worker_held_by_a_stalled_upstream_is_replaced_while_the_others_keep_serving
     let backend = stalling_backend(release.clone());
     let proxy = two_worker_proxy(&backend);
     assert_eq!(worker_threads(proxy.pid()), 2);
-    let upload = upload_to_a_stalled_upstream(proxy.addr);
+    let upload = upload_to_a_stalled_upstream(Client::connect(proxy.addr));
     let until = Instant::now() + Duration::from_secs(5);
     while worker_threads(proxy.pid()) < 3 {
         assert!(Instant::now() < until, "no helper started");
@@ -433,7 +450,7 @@ fn a_helper_ends_once_the_worker_it_stood_in_for_is_free() {
     let release = Arc::new(AtomicBool::new(false));
     let backend = stalling_backend(release.clone());
     let proxy = two_worker_proxy(&backend);
-    let upload = upload_to_a_stalled_upstream(proxy.addr);
+    let upload = upload_to_a_stalled_upstream(Client::connect(proxy.addr));
     let until = Instant::now() + Duration::from_secs(5);
     while worker_threads(proxy.pid()) < 3 {
         assert!(Instant::now() < until, "no helper started");
@@ -452,28 +469,27 @@ fn a_helper_ends_once_the_worker_it_stood_in_for_is_free() {
 
 #[test]
 fn events_taken_with_a_blocking_one_go_to_the_helper() {
-    // A worker takes several events per wait. The one upstream connection
-    // allowed is held by a stalled download; stopped while a GET that needs
-    // another and then a bad request arrive, the single worker wakes to
-    // both events at once, in that order, and blocks waiting for the pool.
-    // The bad request must not wait with it, but go to the helper that
-    // takes over the worker's home.
+    // A worker takes several events per wait. Stopped while an upload to
+    // an upstream that reads nothing and then a bad request arrive, the
+    // single worker wakes to both events at once, in that order, and is
+    // held writing the upload upstream. The bad request must not wait with
+    // it, but go to the helper that takes over the worker's home.
     let release = Arc::new(AtomicBool::new(false));
-    let backend = stalling_backend(release.clone());
+    let backend = narrow_stalling_backend(release.clone());
     let proxy = Proxy::with(
         backend.addr,
         Conf {
             server: "workers = 1",
-            rest: "[upstream]\nconnect_timeout = \"10s\"\nread_timeout = \"10s\"\n\
-                   [pool]\nmax_conns_per_host = 1",
+            ..Conf::default()
         },
     );
-    let download = stalled_download(proxy.addr);
-    let mut waiting = Client::connect(proxy.addr);
+    // An idle pooled connection: the upload does not wait to connect first.
+    assert_eq!(get(proxy.addr, "/").text(), "fine");
+    let uploader = Client::connect(proxy.addr);
     let mut bad = Client::connect(proxy.addr);
     thread::sleep(Duration::from_millis(200)); // both accepted and parked
     proxy.stop();
-    waiting.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+    let upload = upload_to_a_stalled_upstream(uploader);
     thread::sleep(Duration::from_millis(50));
     bad.send("BAD\r\n\r\n");
     thread::sleep(Duration::from_millis(100));
@@ -486,8 +502,7 @@ fn events_taken_with_a_blocking_one_go_to_the_helper() {
         "the bad request waited {took:?}"
     );
     release.store(true, Ordering::Relaxed);
-    finish_download(download);
-    assert_eq!(waiting.response().text(), "fine");
+    assert_eq!(upload.join().unwrap(), (48 << 20).to_string());
 }
 
 #[test]

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -622,6 +623,71 @@ fn unanswered_connects_hold_no_worker() {
         assert_eq!(client.response().status, 504);
     }
     proxy.wait_for_log("upstream connect timed out → 504");
+}
+
+#[test]
+fn requests_in_line_for_a_connection_hold_no_worker() {
+    // One worker and no helpers; one connection allowed per server. Two
+    // requests in line behind a slow one wait on the event loop, not on
+    // the worker, and take the connection in turn once it is free.
+    let release = Arc::new(AtomicBool::new(false));
+    let go = release.clone();
+    let slow = Backend::raw(move |stream| {
+        let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+        while let Some(req) = read_request(&mut reader) {
+            while !go.load(Ordering::SeqCst) {
+                thread::sleep(Duration::from_millis(5));
+            }
+            let body = format!("slow {}", req.target);
+            if (&stream)
+                .write_all(&response(200, &[], body.as_bytes()))
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let good = named("good");
+    let proxy = Proxy::with(
+        closed_port(),
+        Conf {
+            server: "workers = 1\nmax_workers = 1",
+            rest: &format!(
+                "[pool]\nmax_conns_per_host = 1\n[upstream]\nconnect_timeout = \"5s\"\n\
+                 [upstreams.slow]\nservers = [{}]\n[upstreams.api]\nservers = [{}]\n\
+                 [[routes]]\npath_prefix = \"/slow/\"\nupstream = \"slow\"\n\
+                 [[routes]]\npath_prefix = \"/\"\nupstream = \"api\"\n",
+                server(slow.addr, ""),
+                server(good.addr, "")
+            ),
+        },
+    );
+    let mut waiting: Vec<Client> = (0..3)
+        .map(|i| {
+            let mut client = Client::connect(proxy.addr);
+            client.send(format!("GET /slow/{i} HTTP/1.1\r\nHost: t\r\n\r\n"));
+            thread::sleep(Duration::from_millis(50));
+            client
+        })
+        .collect();
+    let started = Instant::now();
+    for i in 0..10 {
+        assert_eq!(get(proxy.addr, &format!("/{i}")).text(), "good");
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(1500),
+        "10 requests took {took:?}"
+    );
+    release.store(true, Ordering::SeqCst);
+    for (i, client) in waiting.iter_mut().enumerate() {
+        assert_eq!(client.response().text(), format!("slow /slow/{i}"));
+    }
+    assert_eq!(
+        slow.connections.load(Ordering::SeqCst),
+        1,
+        "one connection, in turn"
+    );
 }
 
 #[test]

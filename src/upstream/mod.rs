@@ -16,13 +16,10 @@ pub mod retry;
 pub mod route;
 pub mod server;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
-
-use parking_lot::Mutex;
 
 use self::balance::{hash_bytes, Balancer};
 use self::breaker::CircuitBreaker;
@@ -32,7 +29,7 @@ use self::route::Route;
 use self::server::{Ejection, Server};
 use crate::config::Config;
 use crate::http::Request;
-use crate::pipeline::{Context, Signal};
+use crate::pipeline::{Context, Signal, Waiters};
 
 /// Every group, the routes to them, and the group of `server.backend_addr`
 /// that takes what no route matches.
@@ -114,9 +111,7 @@ pub struct Group {
     pub resolve_interval: Duration,
     pub queue_timeout: Duration,
     queue_size: usize,
-    queue: Mutex<VecDeque<Arc<Signal>>>,
-    /// Its length, read without the lock on every release.
-    queued: AtomicUsize,
+    queue: Waiters,
 }
 
 /// Where a new request can go.
@@ -164,8 +159,7 @@ impl Group {
             resolve_interval: c.resolve_interval.0,
             queue_timeout: c.queue_timeout.0,
             queue_size: c.queue_size,
-            queue: Mutex::new(VecDeque::new()),
-            queued: AtomicUsize::new(0),
+            queue: Waiters::default(),
         })
     }
 
@@ -188,8 +182,7 @@ impl Group {
             resolve_interval: Duration::from_secs(30),
             queue_timeout: Duration::from_secs(5),
             queue_size: 0,
-            queue: Mutex::new(VecDeque::new()),
-            queued: AtomicUsize::new(0),
+            queue: Waiters::default(),
         }
     }
 
@@ -243,32 +236,17 @@ impl Group {
     /// Gives a server's slot back and wakes one queued request.
     fn release(&self, server: usize) {
         self.servers[server].release_slot();
-        if self.queued.load(Relaxed) > 0 {
-            if let Some(waiter) = self.queue.lock().pop_front() {
-                self.queued.fetch_sub(1, Relaxed);
-                waiter.notify();
-            }
-        }
+        self.queue.wake_one();
     }
 
     /// Queues a request for a slot; false when the queue is full.
     pub fn enqueue(&self, waiter: &Arc<Signal>) -> bool {
-        let mut queue = self.queue.lock();
-        if queue.len() >= self.queue_size {
-            return false;
-        }
-        queue.push_back(waiter.clone());
-        self.queued.fetch_add(1, Relaxed);
-        true
+        self.queue.push(waiter, self.queue_size)
     }
 
     /// Takes a request that stopped waiting out of the queue.
     pub fn dequeue(&self, waiter: &Arc<Signal>) {
-        let mut queue = self.queue.lock();
-        if let Some(i) = queue.iter().position(|w| Arc::ptr_eq(w, waiter)) {
-            queue.remove(i);
-            self.queued.fetch_sub(1, Relaxed);
-        }
+        self.queue.remove(waiter);
     }
 }
 

@@ -290,7 +290,14 @@ impl Backend {
 
     /// Hands each accepted connection to `handle`, on its own thread.
     pub fn raw(handle: impl Fn(TcpStream) + Send + Sync + 'static) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Backend::on(TcpListener::bind("127.0.0.1:0").unwrap(), handle)
+    }
+
+    /// Like [`Backend::raw`], on a listener set up by the caller.
+    pub fn on(
+        listener: TcpListener,
+        handle: impl Fn(TcpStream) + Send + Sync + 'static,
+    ) -> Backend {
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let count = connections.clone();
