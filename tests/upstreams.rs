@@ -532,21 +532,27 @@ fn the_circuit_breaker_opens_answers_503_then_probes_and_closes() {
     proxy.wait_for_log("circuit breaker closed");
 }
 
-#[test]
-fn a_refused_connection_is_retried_on_another_server_but_post_is_not() {
+/// A proxy whose `api` group has `unopened`, where connections do not
+/// open, then a good server. Round-robin sends the first GET (and, as the
+/// retry takes a turn too, every later one) to `unopened` first: each must
+/// be answered by the good server.
+fn gets_move_on_from(unopened: SocketAddr, extra: &str) -> Proxy {
     let good = named("good");
-    let dead = closed_port();
-    let mut proxy = proxy_for(
+    let proxy = proxy_for(
         "",
-        &[server(dead, ""), server(good.addr, "")],
-        "[upstreams.api.outlier]\nmax_fails = 0\n",
+        &[server(unopened, ""), server(good.addr, "")],
+        &format!("[upstreams.api.outlier]\nmax_fails = 0\n{extra}"),
     );
-    // Round-robin sends the first request (and, as the retry takes a turn
-    // too, every later one) to the dead server first.
     assert!(bodies(&proxy, 6, "/", |_| String::new())
         .iter()
         .all(|b| b == "good"));
     assert_eq!(count(&good), 6);
+    proxy
+}
+
+#[test]
+fn a_refused_connection_is_retried_on_another_server_but_post_is_not() {
+    let mut proxy = gets_move_on_from(closed_port(), "");
 
     let mut posts = Vec::new();
     for _ in 0..2 {
@@ -568,48 +574,42 @@ fn a_refused_connection_is_retried_on_another_server_but_post_is_not() {
 #[test]
 fn a_connect_timeout_moves_on_to_another_server() {
     let (dark, _listener, _fillers) = unanswered();
-    let good = named("good");
-    let mut proxy = proxy_for(
-        "",
-        &[server(dark, ""), server(good.addr, "")],
-        "[upstreams.api.outlier]\nmax_fails = 0\n[upstream]\nconnect_timeout = \"300ms\"\n",
-    );
-    // Round-robin sends the first request (and, as the retry takes a turn
-    // too, every later one) to the dark server first.
-    assert!(bodies(&proxy, 4, "/", |_| String::new())
-        .iter()
-        .all(|b| b == "good"));
+    let mut proxy = gets_move_on_from(dark, "[upstream]\nconnect_timeout = \"300ms\"\n");
     proxy.wait_for_log("connect timed out; retrying on");
 }
 
-#[test]
-fn unanswered_connects_hold_no_worker() {
-    // One worker and no helpers: a request waiting for its connection to
-    // open must wait like an idle connection does, not on the worker's thread.
-    let (dark, _listener, _fillers) = unanswered();
+/// One worker and no helpers: `/held/…` goes to `held`, the rest to a
+/// server that answers `good` (the returned backend); `extra` adds keys.
+fn one_worker_proxy(held: SocketAddr, extra: &str) -> (Proxy, Backend) {
     let good = named("good");
-    let mut proxy = Proxy::with(
+    let proxy = Proxy::with(
         closed_port(),
         Conf {
             server: "workers = 1\nmax_workers = 1",
             rest: &format!(
-                "[upstream]\nconnect_timeout = \"2s\"\n\
-                 [upstreams.dark]\nservers = [{}]\n[upstreams.api]\nservers = [{}]\n\
-                 [[routes]]\npath_prefix = \"/dark/\"\nupstream = \"dark\"\n\
+                "{extra}\n[upstreams.held]\nservers = [{}]\n[upstreams.api]\nservers = [{}]\n\
+                 [[routes]]\npath_prefix = \"/held/\"\nupstream = \"held\"\n\
                  [[routes]]\npath_prefix = \"/\"\nupstream = \"api\"\n",
-                server(dark, ""),
+                server(held, ""),
                 server(good.addr, "")
             ),
         },
     );
-    let mut waiting: Vec<Client> = (0..3)
+    (proxy, good)
+}
+
+/// Sends `GET /held/0`, `/held/1` and `/held/2`, in that order, on
+/// connections of their own, then checks that ten more requests are
+/// answered at once meanwhile: the waits hold no worker.
+fn three_wait_without_holding_the_worker(proxy: &Proxy) -> Vec<Client> {
+    let waiting = (0..3)
         .map(|i| {
             let mut client = Client::connect(proxy.addr);
-            client.send(format!("GET /dark/{i} HTTP/1.1\r\nHost: t\r\n\r\n"));
+            client.send(format!("GET /held/{i} HTTP/1.1\r\nHost: t\r\n\r\n"));
+            thread::sleep(Duration::from_millis(50));
             client
         })
         .collect();
-    thread::sleep(Duration::from_millis(100));
     let started = Instant::now();
     for i in 0..10 {
         assert_eq!(get(proxy.addr, &format!("/{i}")).text(), "good");
@@ -619,7 +619,14 @@ fn unanswered_connects_hold_no_worker() {
         took < Duration::from_millis(1500),
         "10 requests took {took:?}"
     );
-    for client in &mut waiting {
+    waiting
+}
+
+#[test]
+fn unanswered_connects_hold_no_worker() {
+    let (dark, _listener, _fillers) = unanswered();
+    let (mut proxy, _good) = one_worker_proxy(dark, "[upstream]\nconnect_timeout = \"2s\"");
+    for mut client in three_wait_without_holding_the_worker(&proxy) {
         assert_eq!(client.response().status, 504);
     }
     proxy.wait_for_log("upstream connect timed out → 504");
@@ -627,9 +634,8 @@ fn unanswered_connects_hold_no_worker() {
 
 #[test]
 fn requests_in_line_for_a_connection_hold_no_worker() {
-    // One worker and no helpers; one connection allowed per server. Two
-    // requests in line behind a slow one wait on the event loop, not on
-    // the worker, and take the connection in turn once it is free.
+    // One connection allowed per server: two requests in line behind a
+    // slow one take it in turn once it is free.
     let release = Arc::new(AtomicBool::new(false));
     let go = release.clone();
     let slow = Backend::raw(move |stream| {
@@ -647,41 +653,14 @@ fn requests_in_line_for_a_connection_hold_no_worker() {
             }
         }
     });
-    let good = named("good");
-    let proxy = Proxy::with(
-        closed_port(),
-        Conf {
-            server: "workers = 1\nmax_workers = 1",
-            rest: &format!(
-                "[pool]\nmax_conns_per_host = 1\n[upstream]\nconnect_timeout = \"5s\"\n\
-                 [upstreams.slow]\nservers = [{}]\n[upstreams.api]\nservers = [{}]\n\
-                 [[routes]]\npath_prefix = \"/slow/\"\nupstream = \"slow\"\n\
-                 [[routes]]\npath_prefix = \"/\"\nupstream = \"api\"\n",
-                server(slow.addr, ""),
-                server(good.addr, "")
-            ),
-        },
+    let (proxy, _good) = one_worker_proxy(
+        slow.addr,
+        "[pool]\nmax_conns_per_host = 1\n[upstream]\nconnect_timeout = \"5s\"",
     );
-    let mut waiting: Vec<Client> = (0..3)
-        .map(|i| {
-            let mut client = Client::connect(proxy.addr);
-            client.send(format!("GET /slow/{i} HTTP/1.1\r\nHost: t\r\n\r\n"));
-            thread::sleep(Duration::from_millis(50));
-            client
-        })
-        .collect();
-    let started = Instant::now();
-    for i in 0..10 {
-        assert_eq!(get(proxy.addr, &format!("/{i}")).text(), "good");
-    }
-    let took = started.elapsed();
-    assert!(
-        took < Duration::from_millis(1500),
-        "10 requests took {took:?}"
-    );
+    let waiting = three_wait_without_holding_the_worker(&proxy);
     release.store(true, Ordering::SeqCst);
-    for (i, client) in waiting.iter_mut().enumerate() {
-        assert_eq!(client.response().text(), format!("slow /slow/{i}"));
+    for (i, mut client) in waiting.into_iter().enumerate() {
+        assert_eq!(client.response().text(), format!("slow /held/{i}"));
     }
     assert_eq!(
         slow.connections.load(Ordering::SeqCst),
