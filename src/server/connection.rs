@@ -115,9 +115,9 @@ impl Suspended {
 /// What became of a connection after a worker served it.
 pub enum Next {
     /// Wait for more bytes from the client, until the deadline.
-    Park(Conn, Instant),
+    Park(Box<Conn>, Instant),
     /// Wait for what the exchange awaits.
-    Suspend(Conn, Box<Suspended>),
+    Suspend(Box<Conn>, Box<Suspended>),
     Close,
 }
 
@@ -126,7 +126,7 @@ type Outcome = Result<bool, Box<Suspended>>;
 
 /// Serves a connection that epoll reported ready (perhaps spuriously:
 /// the read does not wait).
-pub fn serve(mut conn: Conn, shared: &Shared) -> Next {
+pub fn serve(mut conn: Box<Conn>, shared: &Shared) -> Next {
     if conn.linger.is_some() {
         return drain(conn);
     }
@@ -139,7 +139,7 @@ pub fn serve(mut conn: Conn, shared: &Shared) -> Next {
 }
 
 /// Serves every request already buffered.
-fn drive(mut conn: Conn, shared: &Shared) -> Next {
+fn drive(mut conn: Box<Conn>, shared: &Shared) -> Next {
     loop {
         if conn.head_deadline.is_some_and(|d| d <= Instant::now()) {
             conn.expire();
@@ -174,7 +174,7 @@ fn drive(mut conn: Conn, shared: &Shared) -> Next {
 
 /// Where a connection goes once an exchange has stopped: on to the next
 /// pipelined request, parked, closed, or suspended with its exchange.
-fn after(conn: Conn, outcome: Outcome, shared: &Shared) -> Next {
+fn after(conn: Box<Conn>, outcome: Outcome, shared: &Shared) -> Next {
     match outcome {
         Ok(_) if conn.linger.is_some() => drain(conn),
         Ok(keep_alive) if !keep_alive || shared.shutting_down.load(Relaxed) => Next::Close,
@@ -184,7 +184,7 @@ fn after(conn: Conn, outcome: Outcome, shared: &Shared) -> Next {
     }
 }
 
-fn park(mut conn: Conn, shared: &Shared) -> Next {
+fn park(mut conn: Box<Conn>, shared: &Shared) -> Next {
     // Idle, or a head arriving slowly: either way only its bytes so far are kept.
     conn.buf.release();
     let deadline = conn
@@ -230,7 +230,7 @@ fn await_stage(ex: Exchange, pending: Box<dyn PendingResponse>) -> Box<Suspended
     Suspended::new(ex, Awaiting::Stage(pending), timeout)
 }
 
-fn suspend(mut conn: Conn, suspended: Box<Suspended>) -> Next {
+fn suspend(mut conn: Box<Conn>, suspended: Box<Suspended>) -> Next {
     // Waiting may take long and thousands may wait at once: only the
     // unread bytes (a pipelined request) are kept meanwhile.
     conn.buf.release();
@@ -238,7 +238,7 @@ fn suspend(mut conn: Conn, suspended: Box<Suspended>) -> Next {
 }
 
 /// Continues an exchange whose awaited socket became ready.
-pub fn resume(mut conn: Conn, mut suspended: Box<Suspended>, shared: &Shared) -> Next {
+pub fn resume(mut conn: Box<Conn>, mut suspended: Box<Suspended>, shared: &Shared) -> Next {
     let pending = match &mut suspended.awaiting {
         Awaiting::Stage(pending) => pending,
         Awaiting::Response(..) => {
@@ -281,7 +281,7 @@ pub fn resume(mut conn: Conn, mut suspended: Box<Suspended>, shared: &Shared) ->
 /// The wait ran past its timeout: the awaiting module decides what follows;
 /// a response cut short (its client read nothing for `write_timeout`, or its
 /// upstream sent nothing for `read_timeout`) ends the connection.
-pub fn time_out(mut conn: Conn, suspended: Box<Suspended>, shared: &Shared) -> Next {
+pub fn time_out(mut conn: Box<Conn>, suspended: Box<Suspended>, shared: &Shared) -> Next {
     let Suspended {
         mut exchange,
         awaiting,
@@ -313,7 +313,7 @@ pub fn time_out(mut conn: Conn, suspended: Box<Suspended>, shared: &Shared) -> N
 }
 
 /// Carries an exchange on once its wait is over.
-fn proceed(mut conn: Conn, exchange: Exchange, resumed: Resumed, shared: &Shared) -> Next {
+fn proceed(mut conn: Box<Conn>, exchange: Exchange, resumed: Resumed, shared: &Shared) -> Next {
     let outcome = match resumed {
         Resumed::Respond(resp) => finish(&mut conn, exchange, resp, shared),
         Resumed::Continue => run(&mut conn, exchange, shared),
@@ -401,7 +401,7 @@ fn complete(
 }
 
 /// Answers a refused request and closes gently.
-fn reject(mut conn: Conn, error: HttpError, shared: &Shared) -> Next {
+fn reject(mut conn: Box<Conn>, error: HttpError, shared: &Shared) -> Next {
     if write_error(&conn.stream, error, shared.write_timeout).is_err() {
         return Next::Close;
     }
@@ -437,7 +437,7 @@ fn start_lingering(conn: &mut Conn) {
 
 /// Reads and drops what a lingering connection's client has sent; parks it
 /// for more until its time is up, or closes it.
-fn drain(mut conn: Conn) -> Next {
+fn drain(mut conn: Box<Conn>) -> Next {
     let Some(linger) = conn.linger.as_mut() else {
         return Next::Close;
     };

@@ -377,7 +377,9 @@ fn admit(shared: &Shared, home: usize, stream: TcpStream, peer: SocketAddr) -> i
     // a wait for the client is a wait in the event loop.
     stream.set_nonblocking(true)?;
     let slot = OpenSlot::claim(&shared.open, shared.max_connections);
-    let conn = Conn {
+    // Boxed once for its life: it moves between the worker's functions
+    // and `Parked` a dozen times a request, as a pointer rather than 150 bytes.
+    let conn = Box::new(Conn {
         stream,
         peer,
         buf: Default::default(),
@@ -387,7 +389,7 @@ fn admit(shared: &Shared, home: usize, stream: TcpStream, peer: SocketAddr) -> i
         slot,
         home,
         linger: None,
-    };
+    });
     // A new connection may stay silent for header_timeout.
     let deadline = Instant::now() + shared.header_timeout;
     shared.parked.admit(conn, deadline, &shared.reactors[home]);

@@ -46,15 +46,15 @@ pub fn upstream_token(fd: RawFd, home: usize) -> u64 {
 
 pub enum Waiting {
     /// For the client's next bytes.
-    Client(Conn),
+    Client(Box<Conn>),
     /// An exchange waiting on a socket: the upstream's, or the client's (for
     /// more of the request body, or room for the response). The client
     /// connection waits with it.
-    Exchange(Conn, Box<Suspended>),
+    Exchange(Box<Conn>, Box<Suspended>),
     /// A wait past its deadline, for a worker to time out: the
     /// housekeeping thread only notices, workers do the work. The signal is
     /// already notified, so the next free worker takes it.
-    TimedOut(Conn, Box<Suspended>, Signal),
+    TimedOut(Box<Conn>, Box<Suspended>, Signal),
 }
 
 impl Waiting {
@@ -154,7 +154,7 @@ impl Parked {
 
     /// Parks a newly accepted connection and registers its socket for life.
     /// Stored first, so its first event can never find it missing.
-    pub fn admit(&self, conn: Conn, deadline: Instant, reactor: &Reactor) {
+    pub fn admit(&self, conn: Box<Conn>, deadline: Instant, reactor: &Reactor) {
         let token = conn.token;
         let fd = conn.stream.as_raw_fd();
         self.store(token, Slot::Parked(Waiting::Client(conn), deadline));
@@ -166,7 +166,7 @@ impl Parked {
 
     /// Waits for the client's next bytes until `deadline`. Gives the
     /// connection back if an event came while it was busy: serve it again.
-    pub fn park(&self, conn: Conn, deadline: Instant) -> Option<Waiting> {
+    pub fn park(&self, conn: Box<Conn>, deadline: Instant) -> Option<Waiting> {
         self.wait_for_client(Waiting::Client(conn), deadline)
     }
 
@@ -196,7 +196,7 @@ impl Parked {
     /// that is neither a pooled connection nor the client is watched in `home`.
     pub fn suspend(
         &self,
-        conn: Conn,
+        conn: Box<Conn>,
         suspended: Box<Suspended>,
         home: (usize, &Reactor),
     ) -> Option<Waiting> {
@@ -229,7 +229,7 @@ impl Parked {
 
     /// Hands a wait whose deadline passed over to the workers of the
     /// client's home.
-    pub fn time_out(&self, conn: Conn, suspended: Box<Suspended>, reactor: &Reactor) {
+    pub fn time_out(&self, conn: Box<Conn>, suspended: Box<Suspended>, reactor: &Reactor) {
         let signal = match Signal::new() {
             Ok(signal) => signal,
             Err(e) => {
