@@ -291,20 +291,18 @@ impl PendingResponse for Forward {
             Phase::Sending(_) => {
                 return Resumed::Respond(answer(Failure::new(408, "request body timed out"), ctx, self.addr));
             }
-            // Nothing was sent: another server may take it.
+            // Nothing was sent: another server may take it. Our own
+            // connection limit says nothing about the server's health.
             Phase::Queued(..) | Phase::Connecting(..) => {
-                let f = match self.phase {
-                    // Our own connection limit says nothing about the server's health.
-                    Phase::Queued(..) => Failure::pool(PoolError::Exhausted),
-                    _ => {
-                        record(ctx, Outcome::Failed);
-                        Failure::new(504, "upstream connect timed out")
-                    }
+                let f = if let Phase::Queued(..) = self.phase {
+                    Failure::pool(PoolError::Exhausted)
+                } else {
+                    record(ctx, Outcome::Failed);
+                    Failure::new(504, "upstream connect timed out")
                 };
-                return match self.back_off(req, ctx, &f.reason) {
-                    Retry::BackingOff => Resumed::Await(self),
-                    Retry::Failed(resp) => Resumed::Respond(resp),
-                    Retry::NotAllowed => Resumed::Respond(answer(f, ctx, self.addr)),
+                return match self.retry_or_answer(f, req, ctx) {
+                    None => Resumed::Await(self),
+                    Some(resp) => Resumed::Respond(resp),
                 };
             }
             _ => {}
@@ -437,14 +435,23 @@ impl Forward {
             record(ctx, Outcome::Failed);
         }
         if self.bodiless && f.before_response {
-            match self.back_off(req, ctx, &f.reason) {
-                Retry::BackingOff => return None,
-                Retry::Failed(resp) => return Some(resp),
-                Retry::NotAllowed => {}
-            }
+            return self.retry_or_answer(f, req, ctx);
         }
         self.phase = Phase::Idle;
         Some(answer(f, ctx, self.addr))
+    }
+
+    /// Backs off before another server if the lease allows one (`None`:
+    /// wait for the timer); otherwise the client's answer for `f`.
+    fn retry_or_answer(&mut self, f: Failure, req: &Request, ctx: &mut Context) -> Option<Response> {
+        match self.back_off(req, ctx, &f.reason) {
+            Retry::BackingOff => None,
+            Retry::Failed(resp) => Some(resp),
+            Retry::NotAllowed => {
+                self.phase = Phase::Idle;
+                Some(answer(f, ctx, self.addr))
+            }
+        }
     }
 
     /// Moves the lease to another server and arms the backoff timer.
