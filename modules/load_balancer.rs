@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 use crate::http::Request;
-use crate::pipeline::{BuildEnv, Context, Downstream, Flow, Module, PendingResponse, Response, Resumed, Signal, WaitOn};
+use crate::pipeline::{BuildEnv, Context, Downstream, Flow, Module, PendingResponse, Response, Resumed, WaitOn};
 use crate::upstream::{resolve, Choice, Group, Lease, Upstreams};
+use crate::wait::Place;
 
 /// After the router and the circuit breaker, before `proxy_core`.
 pub const PRIORITY: i32 = 900;
@@ -71,22 +72,22 @@ fn unavailable(group: &Group, ctx: &Context) -> Response {
 }
 
 fn queue(group: Arc<Group>, hash: Option<u64>, ctx: &mut Context) -> Flow {
-    let signal = match Signal::new() {
-        Ok(signal) => Arc::new(signal),
+    let place = match group.enqueue() {
+        Ok(Some(place)) => place,
+        Ok(None) => {
+            log::warn!("{} upstream {}: every server busy and the queue full → 503", ctx.request_id, group.name);
+            return Flow::Respond(Response::text(503, &format!("upstream {} is at its connection limit", group.name)));
+        }
         Err(e) => {
             log::error!("{} cannot queue: {e}", ctx.request_id);
             return Flow::Respond(Response::text(503, "cannot queue the request"));
         }
     };
-    if !group.enqueue(&signal) {
-        log::warn!("{} upstream {}: every server busy and the queue full → 503", ctx.request_id, group.name);
-        return Flow::Respond(Response::text(503, &format!("upstream {} is at its connection limit", group.name)));
-    }
     let deadline = Instant::now() + group.queue_timeout;
     let mut queued = Queued {
         group,
         hash,
-        signal,
+        place,
         deadline,
     };
     // A slot freed between choosing and queueing would wake nobody: look once more.
@@ -102,23 +103,20 @@ fn queue(group: Arc<Group>, hash: Option<u64>, ctx: &mut Context) -> Flow {
 struct Queued {
     group: Arc<Group>,
     hash: Option<u64>,
-    signal: Arc<Signal>,
+    place: Place,
     deadline: Instant,
 }
 
 impl Queued {
     fn poll_slot(&mut self, ctx: &mut Context) -> Option<Resumed> {
-        self.signal.clear();
         match lease(&self.group, self.hash, ctx) {
-            None => Some(Resumed::Continue),
+            None => {
+                self.place.served();
+                Some(Resumed::Continue)
+            }
             Some(Choice::Full) => {
-                // A release pops its waiter: get back in line.
-                self.group.dequeue(&self.signal);
-                if self.group.enqueue(&self.signal) {
-                    None
-                } else {
-                    Some(Resumed::Respond(Response::text(503, "upstream queue full")))
-                }
+                self.place.wait_again();
+                None
             }
             Some(_) => Some(Resumed::Respond(unavailable(&self.group, ctx))),
         }
@@ -127,7 +125,7 @@ impl Queued {
 
 impl PendingResponse for Queued {
     fn wait_on(&self) -> WaitOn {
-        WaitOn::Fd(self.signal.fd())
+        WaitOn::Fd(self.place.fd())
     }
 
     fn timeout(&self) -> Duration {
@@ -149,11 +147,5 @@ impl PendingResponse for Queued {
             503,
             &format!("no server of upstream {} free within the queue timeout", self.group.name),
         ))
-    }
-}
-
-impl Drop for Queued {
-    fn drop(&mut self) {
-        self.group.dequeue(&self.signal);
     }
 }

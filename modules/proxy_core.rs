@@ -20,8 +20,9 @@ use crate::pipeline::{
 };
 use crate::upstream::retry::retry_after;
 use crate::upstream::{Lease, Outcome};
-use crate::pool::{Pool, PoolError, Pooled, Turn};
+use crate::pool::{Pool, PoolError, Pooled};
 use crate::splice::SpliceError;
+use crate::wait::Place;
 
 /// Last: it answers every request that reaches it.
 pub const PRIORITY: i32 = 1000;
@@ -235,7 +236,7 @@ enum Phase {
     Idle,
     /// In line for a connection at `max_conns_per_host`, until the
     /// deadline (the connect timeout).
-    Queued(Turn, Instant),
+    Queued(Place, Instant),
     /// A new connection opening, until the deadline (the connect timeout).
     Connecting(Pooled, Instant),
     /// The head is upstream; the body follows as it arrives from the client.
@@ -253,7 +254,7 @@ impl PendingResponse for Forward {
             },
             Phase::Sending(_) => WaitOn::Client,
             Phase::Backoff(timer) => WaitOn::Fd(timer.fd()),
-            Phase::Queued(turn, _) => WaitOn::Fd(turn.fd()),
+            Phase::Queued(place, _) => WaitOn::Fd(place.fd()),
             Phase::Idle => unreachable!("awaited only when queued, connecting, sending, sent or backing off"),
         }
     }
@@ -318,14 +319,13 @@ impl Forward {
     /// cannot be opened: nothing reached the first) and sends the request.
     fn send(&mut self, req: &Request, downstream: &mut Downstream, ctx: &mut Context) -> Result<(), Failure> {
         // Woken in line: the same connect timeout bounds the whole wait.
-        let mut queued_until = match std::mem::replace(&mut self.phase, Phase::Idle) {
-            Phase::Queued(_, until) => Some(until),
-            _ => None,
+        let (mut place, mut queued_until) = match std::mem::replace(&mut self.phase, Phase::Idle) {
+            Phase::Queued(place, until) => (Some(place), Some(until)),
+            _ => (None, None),
         };
         // A request that can be sent twice is, on a fresh connection, if a
         // reused one turns out closed: no need to peek at it first.
         let replayable = req.is_idempotent() && self.bodiless;
-        let mut turn = None;
         let conn = loop {
             let checkout = match replayable {
                 true => self.pool.checkout_unchecked(self.addr),
@@ -333,15 +333,21 @@ impl Forward {
             };
             let until = *queued_until.get_or_insert_with(|| self.connect_deadline());
             match checkout {
-                Ok(conn) => break conn,
-                Err(PoolError::Exhausted) if Instant::now() < until => match turn.take() {
-                    Some(turn) => {
-                        self.phase = Phase::Queued(turn, until);
+                Ok(conn) => {
+                    if let Some(mut place) = place {
+                        place.served();
+                    }
+                    break conn;
+                }
+                Err(PoolError::Exhausted) if Instant::now() < until => match place.take() {
+                    Some(place) => {
+                        place.wait_again();
+                        self.phase = Phase::Queued(place, until);
                         return Ok(());
                     }
                     None => {
                         let joined = self.pool.wait_turn(self.addr);
-                        turn = Some(joined.map_err(|e| Failure::new(503, format!("cannot wait for a connection: {e}")))?);
+                        place = Some(joined.map_err(|e| Failure::new(503, format!("cannot wait for a connection: {e}")))?);
                     }
                 },
                 Err(e) => {
@@ -350,7 +356,7 @@ impl Forward {
                         record(ctx, Outcome::Failed);
                     }
                     self.move_on(Failure::pool(e), req, ctx)?;
-                    (turn, queued_until) = (None, None);
+                    (place, queued_until) = (None, None);
                 }
             }
         };

@@ -18,3 +18,4 @@ pub mod pool;
 pub mod server;
 pub mod splice;
 pub mod upstream;
+pub mod wait;

@@ -11,7 +11,6 @@ use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +25,7 @@ use crate::memfile::MemFile;
 use crate::pool::Pool;
 pub use crate::server::Downstream;
 use crate::upstream::Upstreams;
+pub use crate::wait::{Signal, Timer};
 
 /// One stage's behaviour. Hooks run on worker threads, concurrently for
 /// different requests, so a module keeps shared state behind atomics or locks.
@@ -112,133 +112,6 @@ pub enum Resumed {
     /// Wait again, on what this now waits on: a timed-out wait that moved
     /// on to something else (another server, after a connect timeout).
     Await(Box<dyn PendingResponse>),
-}
-
-/// A file descriptor that becomes readable when notified: for a
-/// [`PendingResponse`] that waits on an event rather than a socket.
-pub struct Signal(std::os::fd::OwnedFd);
-
-impl Signal {
-    pub fn new() -> std::io::Result<Signal> {
-        // SAFETY: plain syscall; the fd is owned from here on.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor nobody else owns.
-        Ok(Signal(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }))
-    }
-
-    pub fn notify(&self) {
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from a valid buffer to our eventfd.
-        unsafe {
-            libc::write(
-                std::os::fd::AsRawFd::as_raw_fd(&self.0),
-                one.as_ptr().cast(),
-                8,
-            )
-        };
-    }
-
-    pub fn fd(&self) -> RawFd {
-        std::os::fd::AsRawFd::as_raw_fd(&self.0)
-    }
-}
-
-impl Signal {
-    /// Consumes the notifications so far, so the fd waits for the next one.
-    pub fn clear(&self) {
-        let mut count = [0u8; 8];
-        // SAFETY: reads 8 bytes into a valid buffer from our non-blocking eventfd.
-        unsafe { libc::read(self.fd(), count.as_mut_ptr().cast(), 8) };
-    }
-}
-
-/// Requests waiting their turn for something that frees up (a server
-/// slot, a pooled connection), each on its own [`Signal`], woken one at a
-/// time in the order they came. One that joins just after a release is
-/// woken by nobody, so it looks once more after joining.
-#[derive(Default)]
-pub struct Waiters {
-    queue: parking_lot::Mutex<std::collections::VecDeque<Arc<Signal>>>,
-    /// Its length, read without the lock on every release.
-    len: AtomicUsize,
-}
-
-impl Waiters {
-    /// Queues `waiter`, unless `max` wait already: false then.
-    pub fn push(&self, waiter: &Arc<Signal>, max: usize) -> bool {
-        let mut queue = self.queue.lock();
-        if queue.len() >= max {
-            return false;
-        }
-        queue.push_back(waiter.clone());
-        self.len.fetch_add(1, SeqCst);
-        true
-    }
-
-    /// Takes a waiter that stopped waiting out of the queue.
-    pub fn remove(&self, waiter: &Arc<Signal>) {
-        let mut queue = self.queue.lock();
-        if let Some(i) = queue.iter().position(|w| Arc::ptr_eq(w, waiter)) {
-            queue.remove(i);
-            self.len.fetch_sub(1, SeqCst);
-        }
-    }
-
-    /// Wakes the one waiting longest, if any.
-    pub fn wake_one(&self) {
-        if self.len.load(SeqCst) == 0 {
-            return;
-        }
-        if let Some(waiter) = self.queue.lock().pop_front() {
-            self.len.fetch_sub(1, SeqCst);
-            waiter.notify();
-        }
-    }
-}
-
-/// A file descriptor that becomes readable once a delay has passed: for a
-/// [`PendingResponse`] that waits out a backoff without holding a thread.
-pub struct Timer(std::os::fd::OwnedFd);
-
-impl Timer {
-    pub fn new(after: Duration) -> std::io::Result<Timer> {
-        // SAFETY: plain syscall; the fd is owned from here on.
-        let fd = unsafe {
-            libc::timerfd_create(
-                libc::CLOCK_MONOTONIC,
-                libc::TFD_CLOEXEC | libc::TFD_NONBLOCK,
-            )
-        };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor nobody else owns.
-        let timer = Timer(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) });
-        // A zero expiry would disarm it: at least a nanosecond.
-        let after = after.max(Duration::from_nanos(1));
-        let spec = libc::itimerspec {
-            it_interval: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: libc::timespec {
-                tv_sec: after.as_secs() as libc::time_t,
-                tv_nsec: after.subsec_nanos().into(),
-            },
-        };
-        // SAFETY: arms our own timerfd with a valid itimerspec.
-        if unsafe { libc::timerfd_settime(fd, 0, &spec, std::ptr::null_mut()) } < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(timer)
-    }
-
-    pub fn fd(&self) -> RawFd {
-        std::os::fd::AsRawFd::as_raw_fd(&self.0)
-    }
 }
 
 /// What the request phase produced.

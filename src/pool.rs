@@ -14,7 +14,7 @@
 //!
 //! A checkout never waits: a new connection is handed out before its
 //! handshake ends, and at `max_conns_per_host` the request joins the
-//! address's line ([`Turn`]); either way it waits on the event loop.
+//! address's line (a [`Place`]); either way it waits on the event loop.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -31,7 +31,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::Config;
 use crate::http::ReadBuf;
-use crate::pipeline::{Signal, Waiters};
+use crate::wait::{Place, Waiters};
 
 pub struct Pool {
     /// Keyed by backend addresses, which come from the config: foldhash,
@@ -99,7 +99,7 @@ struct Host {
     open: Mutex<usize>,
     /// Requests waiting at `max_conns_per_host`: one is woken whenever a
     /// connection goes idle or closes.
-    waiters: Waiters,
+    waiters: Arc<Waiters>,
 }
 
 #[derive(Default)]
@@ -125,26 +125,6 @@ pub enum PoolError {
     /// `max_conns_per_host` connections are open and none is idle: wait
     /// for one with [`Pool::wait_turn`].
     Exhausted,
-}
-
-/// A request's place in line for a connection (see [`Pool::wait_turn`]);
-/// it leaves the line when dropped.
-pub struct Turn {
-    host: Arc<Host>,
-    signal: Arc<Signal>,
-}
-
-impl Turn {
-    /// Readable once it may be this request's turn.
-    pub fn fd(&self) -> RawFd {
-        self.signal.fd()
-    }
-}
-
-impl Drop for Turn {
-    fn drop(&mut self) {
-        self.host.waiters.remove(&self.signal);
-    }
 }
 
 /// A checked-out connection. Dropping it closes it; [`Pooled::release`] returns it.
@@ -210,7 +190,7 @@ impl Pool {
                 Arc::new(Host {
                     idle: (0..self.homes).map(|_| CachePadded::default()).collect(),
                     open: Mutex::new(0),
-                    waiters: Waiters::default(),
+                    waiters: Arc::default(),
                 })
             })
             .clone()
@@ -276,11 +256,9 @@ impl Pool {
     /// `max_conns_per_host`: the turn's signal fires when one goes idle or
     /// closes. Check out once more after joining: one freed just before
     /// woke nobody.
-    pub fn wait_turn(&self, addr: SocketAddr) -> io::Result<Turn> {
-        let host = self.host(addr);
-        let signal = Arc::new(Signal::new()?);
-        host.waiters.push(&signal, usize::MAX);
-        Ok(Turn { host, signal })
+    pub fn wait_turn(&self, addr: SocketAddr) -> io::Result<Place> {
+        let joined = self.host(addr).waiters.join(usize::MAX)?;
+        Ok(joined.expect("a line without a bound takes everyone"))
     }
 
     fn pooled(self: &Arc<Self>, conn: Upstream, host: Arc<Host>, reused: bool) -> Pooled {

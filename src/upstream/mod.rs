@@ -29,7 +29,8 @@ use self::route::Route;
 use self::server::{Ejection, Server};
 use crate::config::Config;
 use crate::http::Request;
-use crate::pipeline::{Context, Signal, Waiters};
+use crate::pipeline::Context;
+use crate::wait::{Place, Waiters};
 
 /// Every group, the routes to them, and the group of `server.backend_addr`
 /// that takes what no route matches.
@@ -111,7 +112,7 @@ pub struct Group {
     pub resolve_interval: Duration,
     pub queue_timeout: Duration,
     queue_size: usize,
-    queue: Waiters,
+    queue: Arc<Waiters>,
 }
 
 /// Where a new request can go.
@@ -159,7 +160,7 @@ impl Group {
             resolve_interval: c.resolve_interval.0,
             queue_timeout: c.queue_timeout.0,
             queue_size: c.queue_size,
-            queue: Waiters::default(),
+            queue: Arc::default(),
         })
     }
 
@@ -182,7 +183,7 @@ impl Group {
             resolve_interval: Duration::from_secs(30),
             queue_timeout: Duration::from_secs(5),
             queue_size: 0,
-            queue: Waiters::default(),
+            queue: Arc::default(),
         }
     }
 
@@ -239,14 +240,9 @@ impl Group {
         self.queue.wake_one();
     }
 
-    /// Queues a request for a slot; false when the queue is full.
-    pub fn enqueue(&self, waiter: &Arc<Signal>) -> bool {
-        self.queue.push(waiter, self.queue_size)
-    }
-
-    /// Takes a request that stopped waiting out of the queue.
-    pub fn dequeue(&self, waiter: &Arc<Signal>) {
-        self.queue.remove(waiter);
+    /// Queues a request for a slot; `None` when the queue is full.
+    pub fn enqueue(&self) -> std::io::Result<Option<Place>> {
+        self.queue.join(self.queue_size)
     }
 }
 
