@@ -229,7 +229,7 @@ pub struct Cache {
     inflight: Arc<Mutex<Map<String, Flight>>>,
     /// Keys whose last response was not storable ("hit-for-miss"): their
     /// misses go upstream at once instead of queueing behind one another.
-    uncacheable: Store<String, ()>,
+    uncacheable: Store<String, HitForMiss>,
     /// For URLs whose responses vary: the headers they vary on. Each
     /// variant is stored under a secondary key of its own.
     vary_index: Store<String, Arc<VaryIndex>>,
@@ -340,6 +340,18 @@ impl Stored {
             Stored::File(file) => Body::File(file.clone()),
         }
     }
+}
+
+/// A key's hit-for-miss mark: whether anything was stored under it when
+/// a response for it could not be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HitForMiss {
+    /// Nothing stored under the key, and any store since clears the mark:
+    /// its requests skip the lookup too.
+    NothingStored,
+    /// A response is kept (stale, for stale-if-error say, or another
+    /// variant): still looked up.
+    SomethingStored,
 }
 
 /// What the request phase decided, for the response phase.
@@ -523,9 +535,13 @@ impl Module for Arc<Cache> {
             ctx.put(State::Bypass("request"));
             return Flow::Continue;
         }
-        let (stored, absent) = match self.lookup_variant(&key, req) {
-            Ok(entry) => (Some(entry), "miss"),
-            Err(absent) => (None, absent),
+        let hit_for_miss = self.uncacheable.get(&key);
+        let (stored, absent) = match hit_for_miss {
+            Some(HitForMiss::NothingStored) => (None, "miss"),
+            _ => match self.lookup_variant(&key, req) {
+                Ok(entry) => (Some(entry), "miss"),
+                Err(absent) => (None, absent),
+            },
         };
         let now = Instant::now();
         let status = match &stored {
@@ -543,7 +559,7 @@ impl Module for Arc<Cache> {
             ctx.put(State::Hit);
             return Flow::Respond(Response::text(504, "not in cache (only-if-cached)"));
         }
-        let known_uncacheable = self.uncacheable.contains_key(&key);
+        let known_uncacheable = hit_for_miss.is_some();
         if req.method == "GET" && status != "request" && !known_uncacheable {
             if let Some(follower) = self.coalesce(&key, ctx) {
                 return Flow::Await(Box::new(follower));
@@ -601,9 +617,6 @@ impl Module for Arc<Cache> {
                 }
                 match self.storable(req, &resp.head, ctx.started) {
                     Some(entry) => {
-                        if known_uncacheable {
-                            self.uncacheable.invalidate(&key);
-                        }
                         ctx.put(Capture {
                             key,
                             entry,
@@ -614,7 +627,7 @@ impl Module for Arc<Cache> {
                     None => {
                         ctx.take::<Leading>(); // nothing to wait for: let the others go
                         if req.method == "GET" && !known_uncacheable {
-                            self.uncacheable.insert(key, ());
+                            self.mark_hit_for_miss(key);
                         }
                         self.mark(&mut resp.head, &["fwd=", status], false);
                     }
@@ -965,6 +978,8 @@ impl Cache {
     /// Stores an entry in memory, and on disk if there is a disk tier. A
     /// response that varies goes under its variant's key, beside the others.
     fn save(&self, key: String, entry: Arc<Entry>) {
+        // Storable after all: a hit-for-miss mark would hide it.
+        self.uncacheable.invalidate(&key);
         let names: Vec<String> = entry.vary.iter().map(|(name, _)| name.clone()).collect();
         let index = match self.index_of(&key) {
             Some(index) if index.names == names => Some(index),
@@ -1001,6 +1016,19 @@ impl Cache {
         self.store.insert(stored_under, entry);
         // moka applies evictions lazily; keep the byte bound exact on every insert.
         self.store.run_pending_tasks();
+    }
+
+    /// Marks `key` hit-for-miss, saying whether anything is stored under
+    /// it now (not when this request looked: another may have stored since).
+    fn mark_hit_for_miss(&self, key: String) {
+        let stored = self.vary_index.contains_key(&key)
+            || self.store.contains_key(&key)
+            || self.disk.as_ref().is_some_and(|disk| disk.holds(&key));
+        let mark = match stored {
+            true => HitForMiss::SomethingStored,
+            false => HitForMiss::NothingStored,
+        };
+        self.uncacheable.insert(key, mark);
     }
 
     /// How `key`'s responses vary, if they do: from memory, else from the

@@ -75,6 +75,12 @@ impl DiskStore {
         (record.get(4..4 + key_len)? == key.as_bytes()).then(|| record[4 + key_len..].to_vec())
     }
 
+    /// Whether something may be stored under `key`: a hash collision says
+    /// yes too, without reading the file.
+    pub fn holds(&self, key: &str) -> bool {
+        self.path(key).exists()
+    }
+
     pub fn remove(&self, key: &str) {
         let path = self.path(key);
         if let Ok(meta) = fs::metadata(&path) {

@@ -1160,6 +1160,40 @@ fn a_key_found_uncacheable_is_not_coalesced_again() {
 }
 
 #[test]
+fn a_hit_for_miss_mark_hides_nothing_stored() {
+    let backend = Backend::start(|req| match req.header("x-mode") {
+        Some("private") => response(200, &[("Cache-Control", "private")], b"mine"),
+        Some("fail") => response(503, &[], b"down"),
+        _ => response(
+            200,
+            &[("Cache-Control", "max-age=1, stale-if-error=60")],
+            b"kept",
+        ),
+    });
+    let proxy = Proxy::start(backend.addr);
+    // Marked when nothing was stored: a storable response is still stored, and then used.
+    fetch(&proxy, "/later", "X-Mode: private\r\n");
+    let stored = fetch(&proxy, "/later", "");
+    assert_eq!(
+        stored.header("cache-status"),
+        Some("proxycache; fwd=miss; stored")
+    );
+    let hit = fetch(&proxy, "/later", "");
+    assert!(
+        hit.header("cache-status").unwrap().contains("hit"),
+        "{hit:?}"
+    );
+
+    // Marked beside a stale entry: the entry is still found when the upstream fails.
+    fetch(&proxy, "/kept", "");
+    std::thread::sleep(Duration::from_millis(2100));
+    assert_eq!(fetch(&proxy, "/kept", "X-Mode: private\r\n").text(), "mine");
+    let rescued = fetch(&proxy, "/kept", "X-Mode: fail\r\n");
+    assert_eq!((rescued.status, rescued.text().as_str()), (200, "kept"));
+    assert_eq!(seen(&backend, "/kept"), 3);
+}
+
+#[test]
 fn variants_outlive_a_restart_and_go_together_when_invalidated_or_purged() {
     let backend = backend(|_| {
         h(&[
