@@ -441,6 +441,7 @@ impl Drop for Pooled {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wait::readable;
     use std::io::Write;
     use std::net::TcpListener;
 
@@ -563,17 +564,6 @@ mod tests {
             }
         };
         assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
-    }
-
-    /// Whether `fd` is readable now.
-    fn readable(fd: RawFd) -> bool {
-        let mut poll = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: polls one valid pollfd without waiting.
-        unsafe { libc::poll(&mut poll, 1, 0) == 1 }
     }
 
     #[test]

@@ -185,20 +185,21 @@ impl Timer {
     }
 }
 
+/// Whether `fd` is readable now: for tests of what wakes a wait.
+#[cfg(test)]
+pub(crate) fn readable(fd: RawFd) -> bool {
+    let mut poll = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: polls one valid pollfd without waiting.
+    unsafe { libc::poll(&mut poll, 1, 0) == 1 }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Whether `fd` is readable now.
-    fn readable(fd: RawFd) -> bool {
-        let mut poll = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: polls one valid pollfd without waiting.
-        unsafe { libc::poll(&mut poll, 1, 0) == 1 }
-    }
 
     fn line_of(n: usize) -> (Arc<Waiters>, Vec<Place>) {
         let line = Arc::new(Waiters::default());
