@@ -3,7 +3,7 @@
 //! are dropped both ways, forwarding fields and Via are added, everything
 //! else (order, repeats, the raw target) passes unchanged.
 
-use std::io::{self, Write};
+use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -21,6 +21,7 @@ use crate::pipeline::{
 use crate::upstream::retry::retry_after;
 use crate::upstream::{Lease, Outcome};
 use crate::pool::{Pool, PoolError, Pooled};
+use crate::outbox::Outbox;
 use crate::splice::SpliceError;
 use crate::wait::Place;
 
@@ -203,14 +204,6 @@ struct Via {
     http11: String,
 }
 
-/// Writes the request head.
-fn write_head(conn: &mut Pooled, head: &[u8]) -> Result<(), Failure> {
-    conn.conn()
-        .stream
-        .write_all(head)
-        .map_err(|e| Failure::upstream_io("write", &e, true))
-}
-
 /// A request on its way upstream: its body being forwarded as the client
 /// sends it, sent and awaiting the response head, or backing off before a
 /// retry on another server.
@@ -239,8 +232,15 @@ enum Phase {
     Queued(Place, Instant),
     /// A new connection opening, until the deadline (the connect timeout).
     Connecting(Pooled, Instant),
-    /// The head is upstream; the body follows as it arrives from the client.
-    Sending(Pooled),
+    /// The head is on its way; the body follows as it arrives from the
+    /// client. What the upstream had no room for waits in `outbox`, and
+    /// goes before anything more; `body_taken`: all of the body is in it
+    /// or upstream.
+    Sending {
+        conn: Pooled,
+        outbox: Outbox,
+        body_taken: bool,
+    },
     Waiting(Pooled),
     Backoff(Timer),
 }
@@ -252,7 +252,11 @@ impl PendingResponse for Forward {
                 fd: conn.stream().as_raw_fd(),
                 home: conn.home(),
             },
-            Phase::Sending(_) => WaitOn::Client,
+            Phase::Sending { conn, outbox, .. } if !outbox.is_empty() => WaitOn::Pooled {
+                fd: conn.stream().as_raw_fd(),
+                home: conn.home(),
+            },
+            Phase::Sending { .. } => WaitOn::Client,
             Phase::Backoff(timer) => WaitOn::Fd(timer.fd()),
             Phase::Queued(place, _) => WaitOn::Fd(place.fd()),
             Phase::Idle => unreachable!("awaited only when queued, connecting, sending, sent or backing off"),
@@ -262,7 +266,8 @@ impl PendingResponse for Forward {
     fn timeout(&self) -> Duration {
         match self.phase {
             Phase::Queued(_, by) | Phase::Connecting(_, by) => by.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)),
-            Phase::Sending(_) => self.body_timeout,
+            Phase::Sending { ref outbox, .. } if !outbox.is_empty() => self.pool.limits().write_timeout,
+            Phase::Sending { .. } => self.body_timeout,
             _ => self.pool.limits().read_timeout,
         }
     }
@@ -276,7 +281,7 @@ impl PendingResponse for Forward {
                 };
                 self.when_open(conn, by, req, client, ctx).map(|()| None)
             }
-            Phase::Sending(_) => self.send_body(client).map(|()| None),
+            Phase::Sending { .. } => self.send_body(client).map(|()| None),
             _ => self.progress(req, client, ctx),
         };
         match step {
@@ -288,8 +293,12 @@ impl PendingResponse for Forward {
 
     fn timed_out(mut self: Box<Self>, req: &Request, ctx: &mut Context) -> Resumed {
         match self.phase {
+            Phase::Sending { ref outbox, .. } if !outbox.is_empty() => {
+                record(ctx, Outcome::Failed);
+                return Resumed::Respond(answer(Failure::new(504, "upstream write timed out"), ctx, self.addr));
+            }
             // The client's fault: the upstream connection, mid-request, closes.
-            Phase::Sending(_) => {
+            Phase::Sending { .. } => {
                 return Resumed::Respond(answer(Failure::new(408, "request body timed out"), ctx, self.addr));
             }
             // Nothing was sent: another server may take it. Our own
@@ -395,8 +404,10 @@ impl Forward {
 
     /// Writes the head on an open connection (once more on a new one if a
     /// reused one turns out closed), then the body as it arrives.
-    fn write_request(&mut self, mut conn: Pooled, req: &Request, downstream: &mut Downstream, ctx: &mut Context) -> Result<(), Failure> {
-        if let Err(f) = write_head(&mut conn, &self.head) {
+    fn write_request(&mut self, conn: Pooled, req: &Request, downstream: &mut Downstream, ctx: &mut Context) -> Result<(), Failure> {
+        let mut outbox = Outbox::default();
+        let written = outbox.send(conn.stream(), &self.head).map_err(|e| Failure::upstream_io("write", &e, true));
+        if let Err(f) = written {
             if !(f.before_response && self.replay) {
                 return Err(f);
             }
@@ -406,7 +417,11 @@ impl Forward {
             return self.when_open(fresh, self.connect_deadline(), req, downstream, ctx);
         }
         self.received_any = false;
-        self.phase = Phase::Sending(conn);
+        self.phase = Phase::Sending {
+            conn,
+            outbox,
+            body_taken: false,
+        };
         self.send_body(downstream)
     }
 
@@ -420,16 +435,31 @@ impl Forward {
         Ok(())
     }
 
-    /// Forwards what has arrived of the request body, and once all of it
-    /// is sent, waits for the response. A client that sends its body
-    /// slowly holds no worker meanwhile.
+    /// Sends what waits in the outbox, forwards what has arrived of the
+    /// request body, and once all of it is sent, waits for the response.
+    /// Neither a client that sends its body slowly nor an upstream slow to
+    /// read it holds a worker meanwhile.
     fn send_body(&mut self, downstream: &mut Downstream) -> Result<(), Failure> {
-        let Phase::Sending(mut conn) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+        let Phase::Sending {
+            conn,
+            mut outbox,
+            mut body_taken,
+        } = std::mem::replace(&mut self.phase, Phase::Idle)
+        else {
             unreachable!("sends a body only after the head")
         };
-        self.phase = match forward_body(downstream, &mut conn.conn().stream)? {
-            BodyPart::End => Phase::Waiting(conn),
-            _ => Phase::Sending(conn),
+        let upstream = conn.stream();
+        let flushed = outbox.flush(upstream).map_err(|e| Failure::upstream_io("write", &e, false))?;
+        if flushed && !body_taken {
+            body_taken = matches!(forward_body(downstream, upstream, &mut outbox)?, BodyPart::End);
+        }
+        self.phase = match body_taken && outbox.is_empty() {
+            true => Phase::Waiting(conn),
+            false => Phase::Sending {
+                conn,
+                outbox,
+                body_taken,
+            },
         };
         Ok(())
     }
@@ -609,20 +639,25 @@ fn next_server(ctx: &mut Context, req: &Request) -> Option<SocketAddr> {
 }
 
 /// Streams what has arrived of the request body upstream, re-framing
-/// chunked bodies: `End` once it is all sent, `NotYet` if the client has
-/// more to send. Past the bytes already buffered, a fixed-length body is
-/// spliced.
-fn forward_body(downstream: &mut Downstream, upstream: &mut TcpStream) -> Result<BodyPart<'static>, Failure> {
+/// chunked bodies: `End` once all of it is taken (sent, or in `outbox`),
+/// `NotYet` if the client has more to send or the upstream no room (then
+/// `outbox` holds bytes). Past the bytes already buffered, a fixed-length
+/// body is spliced.
+fn forward_body(downstream: &mut Downstream, upstream: &TcpStream, outbox: &mut Outbox) -> Result<BodyPart<'static>, Failure> {
     let chunked = downstream.body_kind() == BodyKind::Chunked;
     let mut frame = Vec::new();
+    let write_failed = |e: io::Error| Failure::upstream_io("write", &e, false);
     loop {
-        match downstream.splice_body(upstream) {
+        if !outbox.is_empty() {
+            return Ok(BodyPart::NotYet);
+        }
+        match downstream.splice_body(upstream, outbox.spliced()) {
             Ok(None) => {}
             Ok(Some(progress)) => return Ok(progress),
             Err(SpliceError::From(e)) => return Err(Failure::client(e.into())),
             Err(SpliceError::To(e)) => return Err(Failure::upstream_io("write", &e, false)),
         }
-        let written = match downstream.read_body().map_err(Failure::client)? {
+        match downstream.read_body().map_err(Failure::client)? {
             BodyPart::NotYet => return Ok(BodyPart::NotYet),
             BodyPart::End => break,
             BodyPart::Data(data) if chunked => {
@@ -630,18 +665,15 @@ fn forward_body(downstream: &mut Downstream, upstream: &mut TcpStream) -> Result
                 encode_chunk_header(&mut frame, data.len());
                 frame.extend_from_slice(data);
                 frame.extend_from_slice(CHUNK_END);
-                upstream.write_all(&frame)
+                outbox.send(upstream, &frame).map_err(write_failed)?;
             }
-            BodyPart::Data(data) => upstream.write_all(data),
-        };
-        written.map_err(|e| Failure::upstream_io("write", &e, false))?;
+            BodyPart::Data(data) => outbox.send(upstream, data).map_err(write_failed)?,
+        }
     }
     if chunked {
         frame.clear();
         encode_last_chunk(&mut frame, downstream.trailers());
-        upstream
-            .write_all(&frame)
-            .map_err(|e| Failure::upstream_io("write", &e, false))?;
+        outbox.send(upstream, &frame).map_err(write_failed)?;
     }
     Ok(BodyPart::End)
 }

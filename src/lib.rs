@@ -13,6 +13,7 @@ pub mod http;
 pub mod logging;
 pub mod memfile;
 pub mod modules;
+pub mod outbox;
 pub mod pipeline;
 pub mod pool;
 pub mod server;

@@ -282,9 +282,9 @@ impl Pool {
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
             other => other?,
         }
+        // Non-blocking for life: reads take what has arrived, writes what
+        // fits, and the exchange waits on the event loop for the rest.
         let stream = TcpStream::from(socket);
-        stream.set_read_timeout(Some(self.limits.read_timeout))?;
-        stream.set_write_timeout(Some(self.limits.write_timeout))?;
         let home = self.caller_home();
         if let Some(watch) = self.on_open.get() {
             watch(stream.as_raw_fd(), home)?;
@@ -387,8 +387,7 @@ impl Pooled {
     }
 
     /// Whether a new connection's handshake is done (always, for a reused
-    /// one); the error it failed with, if it did. Once open, the socket
-    /// blocks again, bounded by the write timeout, for what is written to it.
+    /// one); the error it failed with, if it did.
     pub fn connected(&mut self) -> io::Result<bool> {
         let conn = self.conn();
         if !conn.connecting {
@@ -402,7 +401,6 @@ impl Pooled {
             Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(false),
             Err(e) => return Err(e),
         }
-        conn.stream.set_nonblocking(false)?;
         conn.connecting = false;
         Ok(true)
     }
@@ -548,10 +546,10 @@ mod tests {
             assert!(Instant::now() < until, "the handshake never ended");
             std::thread::sleep(Duration::from_millis(1));
         }
-        // Blocking again once open, for writes bounded by the write timeout.
+        // Non-blocking for life: writes take what fits, the rest waits.
         // SAFETY: reads the flags of a socket we own.
         let flags = unsafe { libc::fcntl(opened.stream().as_raw_fd(), libc::F_GETFL) };
-        assert_eq!(flags & libc::O_NONBLOCK, 0);
+        assert_ne!(flags & libc::O_NONBLOCK, 0);
 
         let refused = listener.local_addr().unwrap();
         drop(listener);

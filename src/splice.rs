@@ -2,6 +2,10 @@
 //! so a large request body never passes through user space: the kernel
 //! hands the received pages to the sending socket instead of copying them
 //! out to us and back in.
+//!
+//! Neither socket is waited on: what the destination has no room for yet
+//! stays in the pipe, which the caller then keeps ([`Held`]) and sends on
+//! with [`flush`] once the destination is writable again.
 
 use std::cell::RefCell;
 use std::io;
@@ -37,20 +41,54 @@ pub enum SpliceError {
     To(io::Error),
 }
 
-/// Moves up to `len` bytes from `from` to `to` and says how many moved:
-/// fewer only when `from` is non-blocking and has nothing more for now.
-/// Writes to `to` block within its own timeout.
-pub fn splice(from: &TcpStream, to: &TcpStream, len: u64) -> Result<u64, SpliceError> {
+/// Bytes taken from the source that the destination had no room for yet,
+/// in a pipe of their own: they go before anything else sent after them.
+pub struct Held(Pipe);
+
+/// Takes up to `len` bytes from `from` (non-blocking) towards `to` (non-blocking)
+/// and says how many it took: fewer when `from` has nothing more for now, or
+/// `to` has no room. Then `held` keeps what `to` has not taken yet; `held`
+/// must be empty when called (see [`flush`]).
+pub fn splice(
+    from: &TcpStream,
+    to: &TcpStream,
+    len: u64,
+    held: &mut Option<Held>,
+) -> Result<u64, SpliceError> {
+    debug_assert!(held.is_none(), "what is held goes first");
     let mut pipe = match PIPE.with(|p| p.borrow_mut().take()) {
         Some(pipe) => pipe,
         None => Pipe::new().map_err(SpliceError::From)?,
     };
     let moved = pipe.relay(from.as_raw_fd(), to.as_raw_fd(), len);
-    // A pipe left holding bytes would leak them into the next body.
-    if pipe.held == 0 {
-        PIPE.with(|p| *p.borrow_mut() = Some(pipe));
+    match pipe.held {
+        0 => give_back(pipe),
+        // Failed: the pipe goes with its bytes.
+        _ if moved.is_err() => {}
+        _ => *held = Some(Held(pipe)),
     }
     moved
+}
+
+/// Sends on what `held` keeps, as far as `to` takes it: true once all is sent.
+pub fn flush(held: &mut Option<Held>, to: &TcpStream) -> io::Result<bool> {
+    let Some(Held(pipe)) = held else {
+        return Ok(true);
+    };
+    if !pipe.drain(to.as_raw_fd())? {
+        return Ok(false);
+    }
+    if let Some(Held(pipe)) = held.take() {
+        give_back(pipe);
+    }
+    Ok(true)
+}
+
+/// An empty pipe back to its thread for the next splice (one is enough).
+fn give_back(pipe: Pipe) {
+    PIPE.with(|p| {
+        p.borrow_mut().get_or_insert(pipe);
+    });
 }
 
 impl Pipe {
@@ -83,8 +121,8 @@ impl Pipe {
         })
     }
 
-    /// Fills the pipe from `from` and empties it into `to`, in turns, so
-    /// it holds nothing when this returns without an error.
+    /// Fills the pipe from `from` and empties it into `to`, in turns, until
+    /// `len` bytes are taken, `from` has no more for now or `to` no room.
     fn relay(&mut self, from: RawFd, to: RawFd, len: u64) -> Result<u64, SpliceError> {
         let mut moved = 0;
         while moved < len {
@@ -97,16 +135,24 @@ impl Pipe {
             };
             self.held += n;
             moved += n as u64;
-            while self.held > 0 {
-                let sent =
-                    splice_once(self.read.as_raw_fd(), to, self.held).map_err(SpliceError::To)?;
-                if sent == 0 {
-                    return Err(SpliceError::To(io::ErrorKind::WriteZero.into()));
-                }
-                self.held -= sent;
+            if !self.drain(to).map_err(SpliceError::To)? {
+                break;
             }
         }
         Ok(moved)
+    }
+
+    /// Empties the pipe into `to` as far as it takes: true once empty.
+    fn drain(&mut self, to: RawFd) -> io::Result<bool> {
+        while self.held > 0 {
+            match splice_once(self.read.as_raw_fd(), to, self.held) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(sent) => self.held -= sent,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
     }
 }
 

@@ -8,7 +8,7 @@ use super::outgoing::write_small;
 
 use crate::http::body::{BodyError, BodyPart, BodyReader};
 use crate::http::{BodyKind, Framing, ReadBuf, ResponseHead, Version};
-use crate::splice::{splice, SpliceError};
+use crate::splice::{splice, Held, SpliceError};
 
 /// Where the request body stands. It lives with the exchange, so a module
 /// can forward the body as it arrives and wait for the rest in between.
@@ -78,10 +78,12 @@ impl<'c> Downstream<'c> {
     /// Moves what has arrived of a fixed-length body from the client socket
     /// straight to `to`, once none of it is left in the buffer: `End` or
     /// `NotYet`. `None` when that does not apply (buffered bytes, other
-    /// framing): use `read_body`.
+    /// framing): use `read_body`. What `to` had no room for stays in `held`
+    /// (see [`splice`]).
     pub fn splice_body(
         &mut self,
         to: &TcpStream,
+        held: &mut Option<Held>,
     ) -> Result<Option<BodyPart<'static>>, SpliceError> {
         let Some(left) = self.body.reader.length_remaining() else {
             return Ok(None);
@@ -90,8 +92,9 @@ impl<'c> Downstream<'c> {
             return Ok(None);
         }
         self.invite_body().map_err(SpliceError::From)?;
-        // Client sockets are non-blocking: this stops where the client has.
-        let moved = splice(self.stream, to, left)?;
+        // Both sockets are non-blocking: this stops where the client has
+        // stopped sending or `to` has no room.
+        let moved = splice(self.stream, to, left, held)?;
         self.body.reader.bypassed(moved);
         Ok(Some(if moved < left {
             BodyPart::NotYet
