@@ -348,7 +348,17 @@ pub mod clock {
 
     static START: OnceLock<Instant> = OnceLock::new();
 
+    /// From 1, since the first call: stored times use 0 for "never", and an
+    /// ejection in the clock's first millisecond must not read as none.
     pub fn now_ms() -> u64 {
-        START.get_or_init(Instant::now).elapsed().as_millis() as u64
+        START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn the_clock_never_reads_never() {
+            assert_ne!(super::now_ms(), 0);
+        }
     }
 }
