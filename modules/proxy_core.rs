@@ -655,7 +655,7 @@ fn forward_body(downstream: &mut Downstream, upstream: &TcpStream, outbox: &mut 
             Ok(None) => {}
             Ok(Some(progress)) => return Ok(progress),
             Err(SpliceError::From(e)) => return Err(Failure::client(e.into())),
-            Err(SpliceError::To(e)) => return Err(Failure::upstream_io("write", &e, false)),
+            Err(SpliceError::To(e)) => return Err(write_failed(e)),
         }
         match downstream.read_body().map_err(Failure::client)? {
             BodyPart::NotYet => return Ok(BodyPart::NotYet),

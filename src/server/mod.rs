@@ -12,9 +12,8 @@
 //!
 //! A housekeeping thread closes idle connections past their deadline and
 //! stale pooled ones, hands upstream waits past theirs to the workers (it
-//! never serves), and starts a helper on a home whose worker is held by the
-//! upstream (connecting, waiting for a pooled connection, or writing a
-//! request body it is slow to read).
+//! never serves), and starts a helper on a home whose worker is held (no
+//! built-in stage waits on a thread, but a module hook may block).
 
 mod connection;
 mod downstream;
@@ -60,7 +59,7 @@ const HOUSEKEEPING_TICK: Duration = Duration::from_millis(25);
 const SWEEP_EVERY: u64 = 4;
 /// Events one worker takes per `epoll_wait`. Those it is not serving yet
 /// wait in its home's backlog, where a helper finds them if the worker is
-/// held by a slow upstream (each event is reported only once).
+/// held by a blocking module hook (each event is reported only once).
 const EVENTS_PER_WAIT: usize = 32;
 
 /// What every worker shares.
@@ -421,7 +420,7 @@ fn housekeeping(shared: &Arc<Shared>) {
             if !shared.workers.may_add() {
                 break;
             }
-            log::debug!("every worker of home {home} held by a slow upstream; starting a helper");
+            log::debug!("every worker of home {home} held; starting a helper");
             if let Err(e) = spawn_worker(shared, home, true) {
                 log::error!("cannot start a worker: {e}");
             }
