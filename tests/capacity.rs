@@ -342,17 +342,6 @@ fn stalling_backend_on(listener: TcpListener, release: Arc<AtomicBool>) -> Backe
 }
 
 /// Two workers, and upstream timeouts long enough to hold one for the whole test.
-/// Worker threads the proxy runs now.
-fn worker_threads(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter(|task| {
-            let comm = task.as_ref().unwrap().path().join("comm");
-            std::fs::read_to_string(comm).is_ok_and(|name| name.starts_with("worker-"))
-        })
-        .count()
-}
-
 /// Sends `GET /stall` and reads the response head and first half.
 fn stalled_download(addr: std::net::SocketAddr) -> Client {
     let mut client = Client::connect(addr);

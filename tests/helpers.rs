@@ -76,17 +76,6 @@ fn holding_proxy(backend: &Backend, server: &str) -> Proxy {
     })
 }
 
-/// Worker threads the proxy runs now.
-fn worker_threads(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter(|task| {
-            let comm = task.as_ref().unwrap().path().join("comm");
-            std::fs::read_to_string(comm).is_ok_and(|name| name.starts_with("worker-"))
-        })
-        .count()
-}
-
 /// Sends `GET /hold` on `client`; the thread returns the answer's body.
 fn hold(mut client: Client) -> thread::JoinHandle<String> {
     client.send("GET /hold HTTP/1.1\r\nHost: a\r\n\r\n");
