@@ -3,9 +3,10 @@
 //! their pipe. They wait here, and go before anything sent after them, so
 //! a peer slow to read holds a few buffers, not a thread.
 
-use std::io::{self, Write};
+use std::io;
 use std::net::TcpStream;
 
+use crate::server::send_some;
 use crate::splice::{self, Held};
 
 #[derive(Default)]
@@ -23,20 +24,17 @@ impl Outbox {
     /// Writes `data` to `to` as far as it takes now, and keeps the rest.
     pub fn send(&mut self, to: &TcpStream, data: &[u8]) -> io::Result<()> {
         let sent = match self.is_empty() {
-            true => write_some(to, data)?,
+            true => send_some(to, data)?,
             false => 0,
         };
-        debug_assert!(
-            self.spliced.is_none() || sent == data.len(),
-            "spliced bytes go first"
-        );
+        debug_assert!(self.spliced.is_none(), "spliced bytes go first");
         self.bytes.extend_from_slice(&data[sent..]);
         Ok(())
     }
 
     /// Sends on what waits, as far as `to` takes it: true once nothing does.
     pub fn flush(&mut self, to: &TcpStream) -> io::Result<bool> {
-        let sent = write_some(to, &self.bytes)?;
+        let sent = send_some(to, &self.bytes)?;
         self.bytes.drain(..sent);
         if !self.bytes.is_empty() {
             return Ok(false);
@@ -48,21 +46,6 @@ impl Outbox {
     pub fn spliced(&mut self) -> &mut Option<Held> {
         &mut self.spliced
     }
-}
-
-/// Writes as much of `data` as `to` takes without waiting.
-fn write_some(mut to: &TcpStream, data: &[u8]) -> io::Result<usize> {
-    let mut sent = 0;
-    while sent < data.len() {
-        match to.write(&data[sent..]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => sent += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(sent)
 }
 
 #[cfg(test)]

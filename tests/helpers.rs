@@ -63,9 +63,12 @@ fn child_server() {
 
 /// The server with the holding stage, in front of `backend`.
 fn holding_proxy(backend: &Backend, server: &str) -> Proxy {
-    let text = format!(
-        "[server]\nlisten_addr = \"127.0.0.1:0\"\nbackend_addr = \"{}\"\n{server}\n",
-        backend.addr
+    let text = Proxy::config_text(
+        backend.addr,
+        Conf {
+            server,
+            ..Conf::default()
+        },
     );
     Proxy::launch(&text, |config| {
         let mut command = std::process::Command::new(std::env::current_exe().unwrap());

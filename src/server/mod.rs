@@ -36,6 +36,7 @@ use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 
 pub use downstream::Downstream;
+pub(crate) use outgoing::send_some;
 
 use crate::config::Config;
 use crate::http::Limits;

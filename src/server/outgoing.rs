@@ -312,27 +312,36 @@ fn send_vectored(fd: RawFd, parts: &[IoSlice]) -> io::Result<usize> {
 /// socket, waiting up to `timeout` for room if it is full: too small and
 /// rare to need a wait of their own in the event loop.
 pub fn write_small(stream: &TcpStream, mut bytes: &[u8], timeout: Duration) -> io::Result<()> {
-    let fd = stream.as_raw_fd();
     let until = Instant::now() + timeout;
-    while !bytes.is_empty() {
-        match retry(|| send(fd, bytes, false)) {
+    loop {
+        bytes = &bytes[send_some(stream, bytes)?..];
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        let mut poll = libc::pollfd {
+            fd: stream.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: polls one valid pollfd.
+        unsafe { libc::poll(&mut poll, 1, left.as_millis().max(1) as libc::c_int) };
+    }
+}
+
+/// Sends as much of `bytes` as a non-blocking socket takes now; how much.
+pub fn send_some(stream: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
+    let mut sent = 0;
+    while sent < bytes.len() {
+        match retry(|| send(stream.as_raw_fd(), &bytes[sent..], false)) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let left = until.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(io::ErrorKind::TimedOut.into());
-                }
-                let mut poll = libc::pollfd {
-                    fd,
-                    events: libc::POLLOUT,
-                    revents: 0,
-                };
-                // SAFETY: polls one valid pollfd.
-                unsafe { libc::poll(&mut poll, 1, left.as_millis().max(1) as libc::c_int) };
-            }
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) => return Err(e),
         }
     }
-    Ok(())
+    Ok(sent)
 }

@@ -62,16 +62,20 @@ impl Proxy {
     }
 
     pub fn with(backend: SocketAddr, conf: Conf) -> Proxy {
+        Proxy::from_config(&Proxy::config_text(backend, conf))
+    }
+
+    /// The config `with` starts the daemon with.
+    pub fn config_text(backend: SocketAddr, conf: Conf) -> String {
         let workers = if conf.server.contains("workers") {
             ""
         } else {
             "workers = 16"
         };
-        let text = format!(
+        format!(
             "[server]\nlisten_addr = \"127.0.0.1:0\"\nbackend_addr = \"{backend}\"\n{workers}\n{}\n{}\n",
             conf.server, conf.rest
-        );
-        Proxy::from_config(&text)
+        )
     }
 
     pub fn from_config(text: &str) -> Proxy {
