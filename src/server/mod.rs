@@ -56,7 +56,8 @@ const WORKER_STACK: usize = 256 * 1024;
 /// How often housekeeping looks for held workers: a home whose worker is
 /// held waits up to two ticks for a helper.
 const HOUSEKEEPING_TICK: Duration = Duration::from_millis(25);
-/// Ticks between sweeps for expired connections (and log flushes).
+/// Ticks between sweeps of the pool's idle connections, and log flushes.
+/// Parked waits are swept on the tick their soonest deadline passes.
 const SWEEP_EVERY: u64 = 4;
 /// Events one worker takes per `epoll_wait`. Those it is not serving yet
 /// wait in its home's backlog, where a helper finds them if the worker is
@@ -426,10 +427,12 @@ fn housekeeping(shared: &Arc<Shared>) {
                 log::error!("cannot start a worker: {e}");
             }
         }
-        if tick % SWEEP_EVERY != 0 {
+        let now = Instant::now();
+        let sweep = tick % SWEEP_EVERY == 0;
+        if !sweep && !shared.parked.due(now) {
             continue;
         }
-        for waiting in shared.parked.expired(Instant::now()) {
+        for waiting in shared.parked.expired(now) {
             match waiting {
                 Waiting::Client(conn) => conn.expire(),
                 Waiting::Exchange(conn, suspended) => {
@@ -439,7 +442,9 @@ fn housekeeping(shared: &Arc<Shared>) {
                 Waiting::TimedOut(..) => unreachable!("expired() leaves hand-overs to the workers"),
             }
         }
-        shared.pool.evict_expired();
-        crate::logging::flush();
+        if sweep {
+            shared.pool.evict_expired();
+            crate::logging::flush();
+        }
     }
 }

@@ -14,7 +14,10 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU64,
+    Ordering::{Relaxed, SeqCst},
+};
 use std::time::Instant;
 
 use crossbeam_utils::CachePadded;
@@ -124,6 +127,14 @@ pub struct Parked {
     /// `SHARDS` per home, home by home, a cache line each.
     shards: Box<[CachePadded<Mutex<Slots>>]>,
     next_token: AtomicU64,
+    /// What `soonest` counts milliseconds from.
+    epoch: Instant,
+    /// No wait parked since the last sweep has a deadline before this
+    /// (milliseconds from `epoch`, rounded up), so housekeeping can sweep
+    /// on time without scanning every slot on every tick. It may be early
+    /// (that wait was served since): the sweep then finds nothing and
+    /// learns the next one.
+    soonest: CachePadded<AtomicU64>,
 }
 
 impl Parked {
@@ -138,7 +149,30 @@ impl Parked {
                 .collect(),
             // Counted from 1: token 0 is the listener's.
             next_token: AtomicU64::new(1),
+            epoch: Instant::now(),
+            soonest: CachePadded::new(AtomicU64::new(u64::MAX)),
         }
+    }
+
+    fn millis(&self, at: Instant) -> u64 {
+        let since = at.saturating_duration_since(self.epoch);
+        since.as_nanos().div_ceil(1_000_000) as u64
+    }
+
+    /// A slot waiting until `deadline`, which `soonest` now covers. Read
+    /// before written: deadlines mostly come later than the soonest, so
+    /// parking rarely writes the line every worker reads.
+    fn waiting_until(&self, waiting: Waiting, deadline: Instant) -> Slot {
+        let at = self.millis(deadline);
+        if at < self.soonest.load(Relaxed) {
+            self.soonest.fetch_min(at, Relaxed);
+        }
+        Slot::Parked(waiting, deadline)
+    }
+
+    /// Whether a wait may have passed its deadline by `now`.
+    pub fn due(&self, now: Instant) -> bool {
+        self.millis(now) >= self.soonest.load(Relaxed)
     }
 
     /// A token whose events come to `home`.
@@ -157,7 +191,7 @@ impl Parked {
     pub fn admit(&self, conn: Box<Conn>, deadline: Instant, reactor: &Reactor) {
         let token = conn.token;
         let fd = conn.stream.as_raw_fd();
-        self.store(token, Slot::Parked(Waiting::Client(conn), deadline));
+        self.store(token, self.waiting_until(Waiting::Client(conn), deadline));
         if let Err(e) = reactor.add_socket(fd, token) {
             log::error!("cannot watch a client socket: {e}");
             self.close(token);
@@ -181,7 +215,7 @@ impl Parked {
                 return Some(waiting);
             }
         }
-        shard.insert(token, Slot::Parked(waiting, deadline));
+        shard.insert(token, self.waiting_until(waiting, deadline));
         None
     }
 
@@ -211,13 +245,13 @@ impl Parked {
                     shard.remove(&token);
                     return Some(waiting);
                 }
-                shard.insert(token, Slot::Parked(waiting, deadline));
+                shard.insert(token, self.waiting_until(waiting, deadline));
             }
             WaitOn::Client => return self.wait_for_client(waiting, deadline),
             WaitOn::Fd(fd) => {
                 let (home, reactor) = home;
                 let token = self.new_token(home);
-                self.store(token, Slot::Parked(waiting, deadline));
+                self.store(token, self.waiting_until(waiting, deadline));
                 if let Err(e) = reactor.watch(fd, token) {
                     log::error!("cannot watch a socket: {e}");
                     self.abandon(token);
@@ -306,10 +340,21 @@ impl Parked {
     }
 
     /// Removes and returns every client or exchange wait whose deadline has
-    /// passed (never a `TimedOut` hand-over: a worker takes those).
+    /// passed (never a `TimedOut` hand-over: a worker takes those), and
+    /// learns the soonest deadline of those left.
     pub fn expired(&self, now: Instant) -> Vec<Waiting> {
+        // Forgotten before the scan: a wait parked meanwhile lowers it again.
+        self.soonest.store(u64::MAX, SeqCst);
         self.remove_where(|waiting, deadline| {
-            deadline <= now && !matches!(waiting, Waiting::TimedOut(..))
+            if matches!(waiting, Waiting::TimedOut(..)) {
+                return false;
+            }
+            if deadline > now {
+                let at = self.millis(deadline);
+                self.soonest.fetch_min(at, Relaxed);
+                return false;
+            }
+            true
         })
     }
 
@@ -356,5 +401,46 @@ impl Parked {
                     .count()
             })
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Duration;
+
+    fn client(parked: &Parked) -> Box<Conn> {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        Box::new(Conn {
+            peer: stream.local_addr().unwrap(),
+            stream,
+            buf: Default::default(),
+            token: parked.new_token(0),
+            hung_up: false,
+            head_deadline: None,
+            slot: None,
+            home: 0,
+            linger: None,
+        })
+    }
+
+    #[test]
+    fn a_wait_is_due_at_its_deadline_and_the_sweep_learns_the_next() {
+        let parked = Parked::new(1);
+        let now = Instant::now();
+        let ms = |n| now + Duration::from_millis(n);
+        assert!(!parked.due(ms(10_000)), "nothing parked");
+        assert!(parked.park(client(&parked), ms(60)).is_none());
+        assert!(parked.park(client(&parked), ms(30)).is_none());
+        assert!(!parked.due(ms(29)));
+        assert!(parked.due(ms(30)));
+
+        assert_eq!(parked.expired(ms(30)).len(), 1);
+        assert!(!parked.due(ms(59)), "the next deadline is the other's");
+        assert!(parked.due(ms(60)));
+        assert_eq!(parked.expired(ms(60)).len(), 1);
+        assert!(!parked.due(ms(10_000)), "nothing left");
     }
 }
