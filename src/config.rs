@@ -37,6 +37,8 @@ pub struct ServerConfig {
     pub backend_addr: SocketAddr,
     /// 0: one per CPU core.
     pub workers: u16,
+    /// With one worker per CPU this process may use, each runs on its own.
+    pub pin_workers: bool,
     /// The pool grows up to this while slow bodies or readers hold workers.
     pub max_workers: NonZeroUsize,
     pub max_connections: NonZeroUsize,
@@ -63,6 +65,7 @@ impl Default for ServerConfig {
             listen_addr: ([127, 0, 0, 1], 3000).into(),
             backend_addr: ([127, 0, 0, 1], 8080).into(),
             workers: 0,
+            pin_workers: false,
             max_workers: nz(256),
             max_connections: nz(10_000),
             header_timeout: Dur::secs(10),

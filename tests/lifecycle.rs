@@ -373,3 +373,34 @@ fn a_low_open_files_limit_is_raised_so_many_clients_fit() {
         assert_eq!(client.response().text(), "fine");
     }
 }
+
+#[test]
+fn pin_workers_gives_one_worker_per_cpu_a_cpu_of_its_own() {
+    let backend = Backend::ok("pinned");
+    let ours = cpus_allowed(std::path::Path::new("/proc/self/status"));
+    let start = |server| Proxy::with(backend.addr, Conf { server, rest: "" });
+
+    let pinned = start("workers = 0\npin_workers = true");
+    let mut each: Vec<usize> = worker_cpus(pinned.pid())
+        .into_iter()
+        .map(|cpus| match cpus[..] {
+            [cpu] => cpu,
+            _ => panic!("a worker on CPUs {cpus:?}"),
+        })
+        .collect();
+    each.sort();
+    assert_eq!(each, ours, "one worker on each CPU");
+    assert!(
+        pinned.logs().iter().any(|l| l.contains("pinned to CPUs")),
+        "{:?}",
+        pinned.logs()
+    );
+    assert_eq!(get(pinned.addr, "/").text(), "pinned");
+
+    for server in ["workers = 0", "workers = 16\npin_workers = true"] {
+        let free = start(server);
+        let cpus = worker_cpus(free.pid());
+        assert!(!cpus.is_empty());
+        assert!(cpus.iter().all(|c| *c == ours), "{server}: {cpus:?}");
+    }
+}

@@ -15,6 +15,7 @@
 //! never serves), and starts a helper on a home whose worker is held (no
 //! built-in stage waits on a thread, but a module hook may block).
 
+mod affinity;
 mod connection;
 mod downstream;
 mod outgoing;
@@ -163,8 +164,21 @@ impl Server {
             listener,
             pool,
         });
+        let cpus = if s.pin_workers {
+            affinity::allowed_cpus()?
+        } else {
+            Vec::new()
+        };
+        let pinned = cpus.len() == homes;
+        if s.pin_workers && !pinned {
+            log::info!(
+                "workers not pinned: {homes} workers on {} CPUs (pin_workers needs one per CPU)",
+                cpus.len()
+            );
+        }
         for home in 0..homes {
-            spawn_worker(&shared, home, false)?;
+            let cpu = cpus.get(home).filter(|_| pinned).copied();
+            spawn_worker(&shared, home, false, cpu)?;
         }
         let housekeeper = shared.clone();
         thread::Builder::new()
@@ -178,10 +192,14 @@ impl Server {
             .map(|st| format!("{}({})", st.name, st.priority))
             .collect();
         shared.pipeline.on_start(local_addr);
+        let on_cpus = if pinned {
+            format!(" pinned to CPUs {cpus:?}")
+        } else {
+            String::new()
+        };
         log::info!(
-            "listening on {local_addr}, forwarding to {} with {} workers; pipeline: {}",
+            "listening on {local_addr}, forwarding to {} with {homes} workers{on_cpus}; pipeline: {}",
             s.backend_addr,
-            homes,
             stages.join(" → ")
         );
         Ok(Server {
@@ -236,13 +254,27 @@ impl Server {
     }
 }
 
-fn spawn_worker(shared: &Arc<Shared>, home: usize, extra: bool) -> io::Result<()> {
+/// Starts a worker on `home`, pinned to `cpu` if given: a home's first
+/// worker may be; a helper (`extra`) never is.
+fn spawn_worker(
+    shared: &Arc<Shared>,
+    home: usize,
+    extra: bool,
+    cpu: Option<usize>,
+) -> io::Result<()> {
     let n = shared.workers.starting();
     let worker_shared = shared.clone();
     let spawned = thread::Builder::new()
         .name(format!("worker-{n}"))
         .stack_size(WORKER_STACK)
-        .spawn(move || worker(&worker_shared, home, extra));
+        .spawn(move || {
+            if let Some(cpu) = cpu {
+                if let Err(e) = affinity::pin_current_thread(cpu) {
+                    log::warn!("worker-{n} not pinned to CPU {cpu}: {e}");
+                }
+            }
+            worker(&worker_shared, home, extra)
+        });
     if spawned.is_err() {
         shared.workers.not_started();
     }
@@ -423,7 +455,7 @@ fn housekeeping(shared: &Arc<Shared>) {
                 break;
             }
             log::debug!("every worker of home {home} held; starting a helper");
-            if let Err(e) = spawn_worker(shared, home, true) {
+            if let Err(e) = spawn_worker(shared, home, true, None) {
                 log::error!("cannot start a worker: {e}");
             }
         }

@@ -15,11 +15,9 @@ pub type Stamp = Arc<CachePadded<AtomicU64>>;
 
 /// The worker pool. One worker per home always runs, one home per core by
 /// default: more would only contend for the cores (and show in tail latency).
-/// Connecting upstream, waiting for a pooled connection at
-/// `max_conns_per_host`, and writing a request body to a slow upstream still
-/// hold a worker, so when every worker of a home is held by such a wait (one event for over
-/// a housekeeping tick), a helper is started there, up to `max` workers in
-/// all. A helper ends once its home has another worker free again, or when
+/// No built-in stage holds a worker, but a module hook may block, so when
+/// every worker of a home is held (one event for over a housekeeping tick),
+/// a helper is started there, up to `max` workers in all. A helper ends once its home has another worker free again, or when
 /// it finds nothing to do for `EXTRA_IDLE_MS`.
 pub struct Workers {
     max: usize,

@@ -229,14 +229,43 @@ fn collect_lines(
 }
 
 /// Worker threads process `pid` runs now.
-pub fn worker_threads(pid: u32) -> usize {
+/// The /proc directories of a process's worker threads.
+fn worker_tasks(pid: u32) -> Vec<PathBuf> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
+        .map(|task| task.unwrap().path())
         .filter(|task| {
-            let comm = task.as_ref().unwrap().path().join("comm");
-            std::fs::read_to_string(comm).is_ok_and(|name| name.starts_with("worker-"))
+            std::fs::read_to_string(task.join("comm")).is_ok_and(|name| name.starts_with("worker-"))
         })
-        .count()
+        .collect()
+}
+
+pub fn worker_threads(pid: u32) -> usize {
+    worker_tasks(pid).len()
+}
+
+/// The CPUs each worker thread of `pid` may run on.
+pub fn worker_cpus(pid: u32) -> Vec<Vec<usize>> {
+    worker_tasks(pid)
+        .iter()
+        .map(|task| cpus_allowed(&task.join("status")))
+        .collect()
+}
+
+/// The CPUs of the `Cpus_allowed_list` line ("0-3,6") of a /proc status file.
+pub fn cpus_allowed(status: &std::path::Path) -> Vec<usize> {
+    let status = std::fs::read_to_string(status).unwrap();
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap();
+    list.trim()
+        .split(',')
+        .flat_map(|range| {
+            let (first, last) = range.split_once('-').unwrap_or((range, range));
+            first.parse::<usize>().unwrap()..=last.parse().unwrap()
+        })
+        .collect()
 }
 
 pub fn rss_kb(pid: u32) -> u64 {
