@@ -139,6 +139,7 @@ impl Module for ProxyCore {
             body_timeout: self.body_timeout,
             head_request: req.method == "HEAD",
             received_any: false,
+            body_cut: false,
         };
         match forward.send(req, downstream, ctx) {
             Ok(()) => Flow::Await(Box::new(forward)),
@@ -223,6 +224,9 @@ struct Forward {
     body_timeout: Duration,
     head_request: bool,
     received_any: bool,
+    /// The upstream answered before taking all of the request body: its
+    /// connection cannot carry another request.
+    body_cut: bool,
 }
 
 enum Phase {
@@ -281,7 +285,10 @@ impl PendingResponse for Forward {
                 };
                 self.when_open(conn, by, req, client, ctx).map(|()| None)
             }
-            Phase::Sending { .. } => self.send_body(client).map(|()| None),
+            Phase::Sending { .. } => match self.send_body(client) {
+                Ok(()) if self.body_cut => self.progress(req, client, ctx),
+                sent => sent.map(|()| None),
+            },
             _ => self.progress(req, client, ctx),
         };
         match step {
@@ -417,6 +424,7 @@ impl Forward {
             return self.when_open(fresh, self.connect_deadline(), req, downstream, ctx);
         }
         self.received_any = false;
+        self.body_cut = false;
         self.phase = Phase::Sending {
             conn,
             outbox,
@@ -453,7 +461,11 @@ impl Forward {
         if flushed && !body_taken {
             body_taken = matches!(forward_body(downstream, upstream, &mut outbox)?, BodyPart::End);
         }
-        self.phase = match body_taken && outbox.is_empty() {
+        // An upstream that stops reading may have answered already (413,
+        // say): that answer goes to the client now, not a 504 once the
+        // write times out (RFC 9112 §9.5 has clients watch for it).
+        self.body_cut = !outbox.is_empty() && conn.has_spoken();
+        self.phase = match body_taken && outbox.is_empty() || self.body_cut {
             true => Phase::Waiting(conn),
             false => Phase::Sending {
                 conn,
@@ -594,7 +606,7 @@ impl Forward {
         let Phase::Waiting(conn) = std::mem::replace(&mut self.phase, Phase::Idle) else {
             unreachable!("a response comes only while waiting")
         };
-        let reusable = head.keep_alive() && kind != BodyKind::UntilClose;
+        let reusable = head.keep_alive() && kind != BodyKind::UntilClose && !self.body_cut;
         strip_hop_by_hop(&mut head.headers, &[]);
         add_via(&mut head.headers, head.version, &self.via);
         let body = match kind {

@@ -364,6 +364,12 @@ fn is_alive(stream: &TcpStream) -> bool {
 }
 
 impl Pooled {
+    /// Whether the upstream has sent something or closed: reading would
+    /// not block.
+    pub fn has_spoken(&self) -> bool {
+        !is_alive(self.stream())
+    }
+
     pub fn stream(&self) -> &TcpStream {
         &self
             .conn

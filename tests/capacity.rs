@@ -317,9 +317,16 @@ fn stalling_backend_on(listener: TcpListener, release: Arc<AtomicBool>) -> Backe
                         .map(|v| v.trim().parse().unwrap())
                 })
                 .unwrap_or(0);
-            let stalls = head[0].split(' ').nth(1) == Some("/stall");
+            let path = head[0].split(' ').nth(1);
+            let stalls = path == Some("/stall");
             if stalls && length > 0 {
                 released();
+            }
+            if path == Some("/refuse") {
+                // Answers at once and reads none of the body.
+                let _ = stream.write_all(&response(413, &[], b"too big for me"));
+                released();
+                return;
             }
             let mut body = vec![0u8; length];
             if reader.read_exact(&mut body).is_err() {
@@ -453,6 +460,37 @@ fn an_upstream_that_reads_nothing_gets_504_after_the_write_timeout() {
     assert_eq!(resp.status, 504);
     assert!(started.elapsed() < Duration::from_secs(5));
     proxy.wait_for_log("upstream write timed out");
+    release.store(true, Ordering::Relaxed);
+}
+
+#[test]
+fn an_upstream_that_answers_before_taking_the_body_is_heard_at_once() {
+    let release = Arc::new(AtomicBool::new(false));
+    let backend = narrow_stalling_backend(release.clone());
+    let proxy = Proxy::with(
+        backend.addr,
+        Conf {
+            rest: "[upstream]\nwrite_timeout = \"20s\"",
+            ..Conf::default()
+        },
+    );
+    let started = Instant::now();
+    let mut client = Client::connect(proxy.addr);
+    client.send("PUT /refuse HTTP/1.1\r\nHost: a\r\nContent-Length: 50331648\r\n\r\n");
+    let mut body = client.stream.try_clone().unwrap();
+    thread::spawn(move || {
+        let _ = body.write_all(&vec![b'u'; 48 << 20]);
+    });
+    let resp = client.response();
+    assert_eq!((resp.status, resp.text().as_str()), (413, "too big for me"));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // That connection still expects the body: the next request opens another.
+    assert_eq!(get(proxy.addr, "/").text(), "fine");
+    assert_eq!(backend.connections.load(Ordering::Relaxed), 2);
     release.store(true, Ordering::Relaxed);
 }
 
