@@ -133,7 +133,9 @@ pub struct Parked {
     /// (milliseconds from `epoch`, rounded up), so housekeeping can sweep
     /// on time without scanning every slot on every tick. It may be early
     /// (that wait was served since): the sweep then finds nothing and
-    /// learns the next one.
+    /// learns the next one. One parked while a sweep runs may be missed by
+    /// both: the sweep housekeeping makes every `SWEEP_EVERY` ticks anyway
+    /// finds it.
     soonest: CachePadded<AtomicU64>,
 }
 
