@@ -437,6 +437,21 @@ fn uploads_to_an_upstream_slow_to_read_hold_no_worker() {
     }
 }
 
+/// The response to a 48 MiB PUT to `path`, whose body goes on being sent
+/// meanwhile: answered before all of it is taken, the rest may fail to send.
+fn put_answered_early(addr: std::net::SocketAddr, path: &str) -> Resp {
+    const SIZE: usize = 48 << 20;
+    let mut client = Client::connect(addr);
+    client.send(format!(
+        "PUT {path} HTTP/1.1\r\nHost: a\r\nContent-Length: {SIZE}\r\n\r\n"
+    ));
+    let mut body = client.stream.try_clone().unwrap();
+    thread::spawn(move || {
+        let _ = body.write_all(&vec![b'u'; SIZE]);
+    });
+    client.response()
+}
+
 #[test]
 fn an_upstream_that_reads_nothing_gets_504_after_the_write_timeout() {
     let release = Arc::new(AtomicBool::new(false));
@@ -449,14 +464,7 @@ fn an_upstream_that_reads_nothing_gets_504_after_the_write_timeout() {
         },
     );
     let started = Instant::now();
-    let mut client = Client::connect(proxy.addr);
-    client.send("PUT /stall HTTP/1.1\r\nHost: a\r\nContent-Length: 50331648\r\n\r\n");
-    // Answered before the whole body is taken: the rest may fail to send.
-    let mut body = client.stream.try_clone().unwrap();
-    thread::spawn(move || {
-        let _ = body.write_all(&vec![b'u'; 48 << 20]);
-    });
-    let resp = client.response();
+    let resp = put_answered_early(proxy.addr, "/stall");
     assert_eq!(resp.status, 504);
     assert!(started.elapsed() < Duration::from_secs(5));
     proxy.wait_for_log("upstream write timed out");
@@ -475,13 +483,7 @@ fn an_upstream_that_answers_before_taking_the_body_is_heard_at_once() {
         },
     );
     let started = Instant::now();
-    let mut client = Client::connect(proxy.addr);
-    client.send("PUT /refuse HTTP/1.1\r\nHost: a\r\nContent-Length: 50331648\r\n\r\n");
-    let mut body = client.stream.try_clone().unwrap();
-    thread::spawn(move || {
-        let _ = body.write_all(&vec![b'u'; 48 << 20]);
-    });
-    let resp = client.response();
+    let resp = put_answered_early(proxy.addr, "/refuse");
     assert_eq!((resp.status, resp.text().as_str()), (413, "too big for me"));
     assert!(
         started.elapsed() < Duration::from_secs(5),
