@@ -10,8 +10,15 @@
 use std::io;
 use std::mem;
 
-/// The CPUs this thread may run on (threads it starts inherit them), in order.
-pub fn allowed_cpus() -> io::Result<Vec<usize>> {
+/// A CPU for each of `workers` workers, when they are one per CPU this
+/// thread may run on (threads it starts inherit those); else `None`.
+pub fn one_cpu_each(workers: usize) -> io::Result<Option<Vec<usize>>> {
+    let cpus = allowed_cpus()?;
+    Ok((cpus.len() == workers).then_some(cpus))
+}
+
+/// The CPUs this thread may run on, in order.
+fn allowed_cpus() -> io::Result<Vec<usize>> {
     // SAFETY: a zeroed cpu_set_t is an empty set; the kernel fills it.
     let mut set: libc::cpu_set_t = unsafe { mem::zeroed() };
     // SAFETY: `set` is a valid cpu_set_t of the size passed.

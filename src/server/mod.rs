@@ -164,21 +164,15 @@ impl Server {
             listener,
             pool,
         });
-        let cpus = if s.pin_workers {
-            affinity::allowed_cpus()?
-        } else {
-            Vec::new()
+        let pins = match s.pin_workers {
+            true => affinity::one_cpu_each(homes)?,
+            false => None,
         };
-        let pinned = cpus.len() == homes;
-        if s.pin_workers && !pinned {
-            log::info!(
-                "workers not pinned: {homes} workers on {} CPUs (pin_workers needs one per CPU)",
-                cpus.len()
-            );
+        if s.pin_workers && pins.is_none() {
+            log::info!("workers not pinned: pin_workers needs one per CPU this process may use, not {homes}");
         }
         for home in 0..homes {
-            let cpu = cpus.get(home).filter(|_| pinned).copied();
-            spawn_worker(&shared, home, false, cpu)?;
+            spawn_worker(&shared, home, false, pins.as_ref().map(|cpus| cpus[home]))?;
         }
         let housekeeper = shared.clone();
         thread::Builder::new()
@@ -192,11 +186,7 @@ impl Server {
             .map(|st| format!("{}({})", st.name, st.priority))
             .collect();
         shared.pipeline.on_start(local_addr);
-        let on_cpus = if pinned {
-            format!(" pinned to CPUs {cpus:?}")
-        } else {
-            String::new()
-        };
+        let on_cpus = pins.map_or_else(String::new, |cpus| format!(" pinned to CPUs {cpus:?}"));
         log::info!(
             "listening on {local_addr}, forwarding to {} with {homes} workers{on_cpus}; pipeline: {}",
             s.backend_addr,
