@@ -39,7 +39,7 @@ pub struct ServerConfig {
     pub workers: u16,
     /// With one worker per CPU this process may use, each runs on its own.
     pub pin_workers: bool,
-    /// The pool grows up to this while slow bodies or readers hold workers.
+    /// Helpers grow the workers up to this while module hooks hold them.
     pub max_workers: NonZeroUsize,
     pub max_connections: NonZeroUsize,
     /// Whole request head, from its first byte; a slow drip gets 408.

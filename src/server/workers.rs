@@ -17,8 +17,9 @@ pub type Stamp = Arc<CachePadded<AtomicU64>>;
 /// default: more would only contend for the cores (and show in tail latency).
 /// No built-in stage holds a worker, but a module hook may block, so when
 /// every worker of a home is held (one event for over a housekeeping tick),
-/// a helper is started there, up to `max` workers in all. A helper ends once its home has another worker free again, or when
-/// it finds nothing to do for `EXTRA_IDLE_MS`.
+/// a helper is started there, up to `max` workers in all. A helper ends
+/// once its home has another worker free again, or when it finds nothing
+/// to do for `EXTRA_IDLE_MS`.
 pub struct Workers {
     max: usize,
     running: AtomicUsize,

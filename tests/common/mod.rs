@@ -228,7 +228,6 @@ fn collect_lines(
     })
 }
 
-/// Worker threads process `pid` runs now.
 /// The /proc directories of a process's worker threads.
 fn worker_tasks(pid: u32) -> Vec<PathBuf> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -240,6 +239,7 @@ fn worker_tasks(pid: u32) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Worker threads process `pid` runs now.
 pub fn worker_threads(pid: u32) -> usize {
     worker_tasks(pid).len()
 }
