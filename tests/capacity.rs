@@ -269,6 +269,50 @@ fn slow_readers_hold_no_worker() {
     }
 }
 
+#[test]
+fn interim_responses_for_a_client_that_reads_nothing_hold_no_worker() {
+    // 12 MB of 103s, more than the sockets between proxy and client hold:
+    // those with no room wait (or, past the first, are dropped) in the event
+    // loop, not on the one worker.
+    let link = format!("</{}.css>; rel=preload", "s".repeat(2000));
+    let hints = format!("HTTP/1.1 103 Early Hints\r\nLink: {link}\r\n\r\n").repeat(6000);
+    let backend = Backend::start(move |req| match req.target.as_str() {
+        "/hints" => [hints.as_bytes(), &response(200, &[], b"done")].concat(),
+        _ => response(200, &[], b"fine"),
+    });
+    let proxy = Proxy::with(
+        backend.addr,
+        Conf {
+            server: "workers = 1\nmax_workers = 1\nwrite_timeout = \"10s\"",
+            ..Conf::default()
+        },
+    );
+    let mut reader = Client::connect(proxy.addr);
+    reader.send("GET /hints HTTP/1.1\r\nHost: a\r\n\r\n");
+    thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    for _ in 0..20 {
+        assert_eq!(get(proxy.addr, "/").text(), "fine");
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "20 requests took {took:?}");
+    // What it then reads is whole 103s, fewer than were sent, and the answer.
+    let mut interims = 0;
+    let last = loop {
+        let resp = reader.response();
+        if resp.status != 103 {
+            break resp;
+        }
+        assert_eq!(resp.header("link"), Some(link.as_str()));
+        interims += 1;
+    };
+    assert!(
+        (1..6000).contains(&interims),
+        "{interims} interim responses"
+    );
+    assert_eq!(last.text(), "done");
+}
+
 /// A backend that answers `fine`, except that `/stall` gets the first half
 /// of its body at once and the rest only once `release` is set, and that it
 /// reads nothing of a `PUT /stall`'s body until then (and then answers with

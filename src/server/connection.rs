@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use super::downstream::{Downstream, RequestBody};
-use super::outgoing::{write_small, Hooks, Outgoing, Progress};
+use super::outgoing::{send_some, Hooks, Outgoing, Owed, Progress};
 use super::{OpenSlot, Shared};
 use crate::http::{request, Framing, HttpError, ReadBuf, Request};
 use crate::logging::AccessRecord;
@@ -35,13 +35,16 @@ pub struct Conn {
     pub home: usize,
     /// Set once the connection is answered and closing with input unread.
     pub linger: Option<Linger>,
+    /// Bytes its socket had no room for yet, to go out before any others.
+    pub owed: Owed,
 }
 
 /// Closing a socket with unread input sends RST, and an RST can make the
 /// client drop our response before reading it. So a connection answered
-/// before its request was read whole stops writing, then reads and drops
-/// what the client still sends, until it closes, for a bounded time and
-/// amount; it waits for those bytes parked, like any other connection.
+/// before its request was read whole stops writing (once what it owes is
+/// written), then reads and drops what the client still sends, until it
+/// closes, for a bounded time and amount; it waits for those bytes parked,
+/// like any other connection.
 pub struct Linger {
     until: Instant,
     left: usize,
@@ -57,11 +60,8 @@ impl Conn {
         if self.head_deadline.is_some() && self.linger.is_none() {
             log::info!("{}: request head not received in time", self.peer);
             // Best effort and never waiting: the housekeeping thread calls this.
-            let _ = write_error(
-                &self.stream,
-                HttpError::new(408, "request head not received in time"),
-                Duration::ZERO,
-            );
+            let timed_out = HttpError::new(408, "request head not received in time");
+            let _ = send_some(&self.stream, &error_response(timed_out));
         }
     }
 }
@@ -155,14 +155,18 @@ fn drive(mut conn: Box<Conn>, shared: &Shared) -> Next {
             }
             Err(e) => {
                 log::info!("{}: bad request: {e}", conn.peer);
-                return reject(conn, e, shared);
+                return reject(conn, e, shared.write_timeout);
             }
         };
         conn.buf.consume(len);
         conn.head_deadline = None;
         if conn.slot.is_none() {
             log::warn!("{}: over max_connections, answered 503", conn.peer);
-            return reject(conn, HttpError::new(503, "too many connections"), shared);
+            return reject(
+                conn,
+                HttpError::new(503, "too many connections"),
+                shared.write_timeout,
+            );
         }
         match start(&mut conn, req, framing, shared) {
             // Pipelined: the next head is already (partly) here.
@@ -207,13 +211,7 @@ fn start(conn: &mut Conn, req: Request, framing: Framing, shared: &Shared) -> Ou
 
 /// Runs the request phase on from the stage the exchange stands at.
 fn run(conn: &mut Conn, mut ex: Exchange, shared: &Shared) -> Outcome {
-    let mut downstream = Downstream::new(
-        &mut conn.stream,
-        &mut conn.buf,
-        &mut ex.body,
-        ex.req.version,
-        shared.write_timeout,
-    );
+    let mut downstream = Downstream::new(conn, &mut ex.body, ex.req.version);
     let (handled, ran) = shared
         .pipeline
         .handle(ex.ran, &mut ex.req, &mut downstream, &mut ex.ctx);
@@ -255,13 +253,7 @@ pub fn resume(mut conn: Box<Conn>, mut suspended: Box<Suspended>, shared: &Share
         }
     };
     let exchange = &mut suspended.exchange;
-    let mut downstream = Downstream::new(
-        &mut conn.stream,
-        &mut conn.buf,
-        &mut exchange.body,
-        exchange.req.version,
-        shared.write_timeout,
-    );
+    let mut downstream = Downstream::new(&mut conn, &mut exchange.body, exchange.req.version);
     let polled = shared.pipeline.poll(
         exchange.ran,
         pending.as_mut(),
@@ -335,7 +327,7 @@ fn finish(conn: &mut Conn, mut ex: Exchange, mut resp: Response, shared: &Shared
         ran: ex.ran,
         ctx: &mut ex.ctx,
     };
-    match Outgoing::new(&ex.req, resp, keep_alive, &mut hooks) {
+    match Outgoing::new(&ex.req, resp, keep_alive, &mut hooks, conn.owed.take()) {
         Ok(outgoing) => deliver(conn, ex, outgoing, shared),
         Err(e) => Ok(complete(conn, &ex, (status, 0), Err(e))),
     }
@@ -400,17 +392,31 @@ fn complete(
     }
 }
 
-/// Answers a refused request and closes gently.
-fn reject(mut conn: Box<Conn>, error: HttpError, shared: &Shared) -> Next {
-    if write_error(&conn.stream, error, shared.write_timeout).is_err() {
+/// Answers a refused request and closes gently, giving the client up to
+/// `write_timeout` to make room for the answer.
+fn reject(mut conn: Box<Conn>, error: HttpError, write_timeout: Duration) -> Next {
+    if conn
+        .owed
+        .send(&conn.stream, &error_response(error))
+        .is_err()
+    {
         return Next::Close;
     }
-    start_lingering(&mut conn);
+    if conn.owed.is_empty() {
+        start_lingering(&mut conn);
+    } else {
+        // `drain` sends the rest as room appears, then lingers.
+        conn.head_deadline = None;
+        conn.linger = Some(Linger {
+            until: Instant::now() + write_timeout,
+            left: LINGER_BYTES,
+        });
+    }
     drain(conn)
 }
 
-/// Writes an error response with `Connection: close`.
-fn write_error(stream: &TcpStream, error: HttpError, timeout: Duration) -> io::Result<()> {
+/// An error response with `Connection: close`.
+fn error_response(error: HttpError) -> Vec<u8> {
     let resp = Response::text(error.status, error.reason);
     let Body::Bytes(body) = resp.body else {
         unreachable!("text responses carry bytes")
@@ -422,7 +428,7 @@ fn write_error(stream: &TcpStream, error: HttpError, timeout: Duration) -> io::R
     let mut out = Vec::with_capacity(256 + body.len());
     head.write_to(&mut out);
     out.extend_from_slice(&body);
-    write_small(stream, &out, timeout)
+    out
 }
 
 /// Stops writing to a connection answered with input still unread; see [`Linger`].
@@ -438,6 +444,13 @@ fn start_lingering(conn: &mut Conn) {
 /// Reads and drops what a lingering connection's client has sent; parks it
 /// for more until its time is up, or closes it.
 fn drain(mut conn: Box<Conn>) -> Next {
+    if !conn.owed.is_empty() {
+        match conn.owed.flush(&conn.stream) {
+            Ok(true) => start_lingering(&mut conn),
+            Ok(false) => {}
+            Err(_) => return Next::Close,
+        }
+    }
     let Some(linger) = conn.linger.as_mut() else {
         return Next::Close;
     };
@@ -447,14 +460,167 @@ fn drain(mut conn: Box<Conn>) -> Next {
                 linger.left -= n;
                 conn.buf.consume(conn.buf.filled().len());
             }
+            // Done sending, not yet reading what it is owed: only room is
+            // awaited now (its end, seen, must not make it served again).
+            Ok(0) if !conn.owed.is_empty() => {
+                conn.hung_up = false;
+                break;
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < linger.until => {
-                let until = linger.until;
-                conn.buf.release();
-                return Next::Park(conn, until);
+                break;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             // The end, an error, too much, or too long.
             _ => return Next::Close,
         }
+    }
+    let until = linger.until;
+    conn.buf.release();
+    Next::Park(conn, until)
+}
+
+#[cfg(test)]
+impl Conn {
+    /// The server's side of a fresh loopback connection, non-blocking as
+    /// accepted ones are, and the client's side.
+    pub fn connected(token: u64) -> (Box<Conn>, TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (stream, peer) = listener.accept().unwrap();
+        stream.set_nonblocking(true).unwrap();
+        let conn = Box::new(Conn {
+            stream,
+            peer,
+            buf: Default::default(),
+            token,
+            hung_up: false,
+            head_deadline: None,
+            slot: None,
+            home: 0,
+            linger: None,
+            owed: Default::default(),
+        });
+        (conn, client)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::{BodyKind, Version};
+    use crate::pipeline::BodyPart;
+    use std::io::Read;
+    use std::thread;
+
+    /// Fills the socket until it takes no more, and still none half a
+    /// second on (loopback frees a little room once or twice after a
+    /// window closes); what it took.
+    fn fill(stream: &TcpStream) -> Vec<u8> {
+        let chunk: Vec<u8> = (0..64 << 10).map(|i| (i % 251) as u8).collect();
+        let mut filled = Vec::new();
+        let mut quiet = 0;
+        while quiet < 10 {
+            let before = filled.len();
+            loop {
+                let sent = send_some(stream, &chunk).unwrap();
+                filled.extend_from_slice(&chunk[..sent]);
+                if sent < chunk.len() {
+                    break;
+                }
+            }
+            quiet = if filled.len() == before { quiet + 1 } else { 0 };
+            thread::sleep(Duration::from_millis(50));
+        }
+        filled
+    }
+
+    /// Reads the client's side to its end, in the background.
+    fn read_all(mut client: TcpStream) -> thread::JoinHandle<Vec<u8>> {
+        thread::spawn(move || {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).unwrap();
+            got
+        })
+    }
+
+    #[test]
+    fn an_error_the_client_has_no_room_for_waits_parked_then_goes_out_whole() {
+        let (mut conn, client) = Conn::connected(1);
+        let filler = fill(&conn.stream);
+        let write_timeout = Duration::from_secs(10);
+        let started = Instant::now();
+        let next = reject(conn, HttpError::new(400, "bad request"), write_timeout);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "the worker waited for room"
+        );
+        let Next::Park(parked, until) = next else {
+            panic!("an answer still owed parks its connection")
+        };
+        assert!(!parked.owed.is_empty());
+        assert!(
+            until >= started + write_timeout,
+            "owed answers get write_timeout"
+        );
+
+        let reader = read_all(client);
+        conn = parked;
+        let mut closed = false;
+        for _ in 0..1000 {
+            match drain(conn) {
+                Next::Park(parked, _) => conn = parked,
+                _ => {
+                    closed = true;
+                    break;
+                }
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert!(closed, "the client's close ends the linger");
+        let got = reader.join().unwrap();
+        let (before, answer) = got.split_at(filler.len());
+        assert!(
+            before == filler,
+            "what was in the socket came first, unchanged"
+        );
+        let answer = String::from_utf8_lossy(answer);
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+        assert!(answer.ends_with("Bad Request: bad request\n"), "{answer}");
+    }
+
+    #[test]
+    fn a_100_continue_the_client_has_no_room_for_goes_out_when_it_has() {
+        let (mut conn, client) = Conn::connected(1);
+        let filler = fill(&conn.stream);
+        let framing = Framing {
+            body: BodyKind::Length(5),
+            keep_alive: true,
+            expect_continue: true,
+        };
+        let mut body = RequestBody::new(framing, 0);
+        let started = Instant::now();
+        let mut downstream = Downstream::new(&mut conn, &mut body, Version::Http11);
+        assert!(matches!(downstream.read_body(), Ok(BodyPart::NotYet)));
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "the worker waited for room"
+        );
+        assert!(!conn.owed.is_empty());
+
+        let reader = read_all(client);
+        for _ in 0..1000 {
+            let _ = Downstream::new(&mut conn, &mut body, Version::Http11).read_body();
+            if conn.owed.is_empty() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        drop(conn);
+        let got = reader.join().unwrap();
+        assert!(
+            got[..filler.len()] == filler,
+            "what was in the socket came first"
+        );
+        assert_eq!(&got[filler.len()..], b"HTTP/1.1 100 Continue\r\n\r\n");
     }
 }

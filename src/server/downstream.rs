@@ -2,9 +2,9 @@
 
 use std::io;
 use std::net::TcpStream;
-use std::time::Duration;
 
-use super::outgoing::write_small;
+use super::connection::Conn;
+use super::outgoing::Owed;
 
 use crate::http::body::{BodyError, BodyPart, BodyReader};
 use crate::http::{BodyKind, Framing, ReadBuf, ResponseHead, Version};
@@ -38,28 +38,22 @@ impl RequestBody {
 pub struct Downstream<'c> {
     stream: &'c mut TcpStream,
     buf: &'c mut ReadBuf,
+    /// Where interim responses wait for room in the client's socket.
+    owed: &'c mut Owed,
     body: &'c mut RequestBody,
     version: Version,
-    /// Longest wait for room to write an interim response.
-    write_timeout: Duration,
 }
 
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 impl<'c> Downstream<'c> {
-    pub fn new(
-        stream: &'c mut TcpStream,
-        buf: &'c mut ReadBuf,
-        body: &'c mut RequestBody,
-        version: Version,
-        write_timeout: Duration,
-    ) -> Downstream<'c> {
+    pub fn new(conn: &'c mut Conn, body: &'c mut RequestBody, version: Version) -> Downstream<'c> {
         Downstream {
-            stream,
-            buf,
+            stream: &mut conn.stream,
+            buf: &mut conn.buf,
+            owed: &mut conn.owed,
             body,
             version,
-            write_timeout,
         }
     }
 
@@ -103,11 +97,13 @@ impl<'c> Downstream<'c> {
         }))
     }
 
+    /// Answers `Expect: 100-continue` once, and sends on an interim
+    /// response the client had no room for, as far as it now has room.
     fn invite_body(&mut self) -> io::Result<()> {
         if std::mem::take(&mut self.body.continue_owed) && !self.body.is_done() {
-            write_small(self.stream, CONTINUE, self.write_timeout)?;
+            return self.owed.send(self.stream, CONTINUE);
         }
-        Ok(())
+        self.owed.flush(self.stream).map(drop)
     }
 
     /// Raw trailer lines of a chunked request body, valid once it is read.
@@ -115,7 +111,10 @@ impl<'c> Downstream<'c> {
         self.body.reader.trailers()
     }
 
-    /// Forwards an interim (1xx) response. HTTP/1.0 clients get none (RFC 9110 §15.2).
+    /// Forwards an interim (1xx) response. HTTP/1.0 clients get none (RFC
+    /// 9110 §15.2). Nor, but for a 100 it waits for, does a client that has
+    /// not taken the last one yet: they are advisory, and keeping every one
+    /// for it would let an upstream grow our memory without bound.
     pub fn send_interim(&mut self, head: &ResponseHead) -> io::Result<()> {
         if self.version == Version::Http10 {
             return Ok(());
@@ -125,9 +124,11 @@ impl<'c> Downstream<'c> {
             if !std::mem::take(&mut self.body.continue_owed) {
                 return Ok(());
             }
+        } else if !self.owed.flush(self.stream)? {
+            return Ok(());
         }
         let mut out = Vec::with_capacity(256);
         head.write_to(&mut out);
-        write_small(self.stream, &out, self.write_timeout)
+        self.owed.send(self.stream, &out)
     }
 }

@@ -412,6 +412,7 @@ fn admit(shared: &Shared, home: usize, stream: TcpStream, peer: SocketAddr) -> i
         slot,
         home,
         linger: None,
+        owed: Default::default(),
     });
     // A new connection may stay silent for header_timeout.
     let deadline = Instant::now() + shared.header_timeout;

@@ -8,7 +8,7 @@ use std::io::{self, IoSlice};
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::http::chunked::{encode_chunk_header, encode_last_chunk, CHUNK_END};
 use crate::http::{decimal_in, Request, Version};
@@ -78,14 +78,16 @@ pub enum Progress {
 }
 
 impl Outgoing {
-    /// Frames `resp`: its own framing fields go, ours (Content-Length or
-    /// chunked, Connection) come in. A body known whole is shown to the
-    /// stages at once; a stream is shown piece by piece as it is written.
+    /// Frames `resp`, to go out after the bytes `ahead` (see [`Owed`]): its
+    /// own framing fields go, ours (Content-Length or chunked, Connection)
+    /// come in. A body known whole is shown to the stages at once; a stream
+    /// is shown piece by piece as it is written.
     pub fn new(
         req: &Request,
         mut resp: Response,
         mut keep_alive: bool,
         hooks: &mut Hooks,
+        ahead: Vec<u8>,
     ) -> io::Result<Outgoing> {
         let head = &mut resp.head;
         let bodyless =
@@ -121,7 +123,8 @@ impl Outgoing {
         } else if req.version == Version::Http10 {
             head.headers.append("Connection", "keep-alive");
         }
-        let mut out = Vec::with_capacity(1024);
+        let mut out = ahead;
+        out.reserve(1024);
         head.write_to(&mut out);
 
         let (rest, bytes) = match resp.body {
@@ -308,27 +311,42 @@ fn send_vectored(fd: RawFd, parts: &[IoSlice]) -> io::Result<usize> {
     Ok(n as usize)
 }
 
-/// Writes a few bytes (an interim response, an error) to a non-blocking
-/// socket, waiting up to `timeout` for room if it is full: too small and
-/// rare to need a wait of their own in the event loop.
-pub fn write_small(stream: &TcpStream, mut bytes: &[u8], timeout: Duration) -> io::Result<()> {
-    let until = Instant::now() + timeout;
-    loop {
-        bytes = &bytes[send_some(stream, bytes)?..];
-        if bytes.is_empty() {
-            return Ok(());
+/// Bytes owed to the client ahead of whatever comes next (an interim
+/// response, an error) that its socket had no room for. They go out as room
+/// appears and are never waited for: a client that reads nothing must not
+/// hold a worker.
+#[derive(Default)]
+pub struct Owed(Vec<u8>);
+
+impl Owed {
+    /// Sends what the socket takes of what is owed; true once nothing is.
+    pub fn flush(&mut self, stream: &TcpStream) -> io::Result<bool> {
+        if !self.0.is_empty() {
+            let sent = send_some(stream, &self.0)?;
+            self.0.drain(..sent);
         }
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::ErrorKind::TimedOut.into());
-        }
-        let mut poll = libc::pollfd {
-            fd: stream.as_raw_fd(),
-            events: libc::POLLOUT,
-            revents: 0,
+        Ok(self.0.is_empty())
+    }
+
+    /// Sends `bytes` after what is owed, as far as the socket takes them;
+    /// owes the rest.
+    pub fn send(&mut self, stream: &TcpStream, bytes: &[u8]) -> io::Result<()> {
+        let sent = if self.flush(stream)? {
+            send_some(stream, bytes)?
+        } else {
+            0
         };
-        // SAFETY: polls one valid pollfd.
-        unsafe { libc::poll(&mut poll, 1, left.as_millis().max(1) as libc::c_int) };
+        self.0.extend_from_slice(&bytes[sent..]);
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// What is owed, to go out ahead of a response.
+    pub fn take(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.0)
     }
 }
 

@@ -410,23 +410,10 @@ impl Parked {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::{TcpListener, TcpStream};
     use std::time::Duration;
 
     fn client(parked: &Parked) -> Box<Conn> {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        Box::new(Conn {
-            peer: stream.local_addr().unwrap(),
-            stream,
-            buf: Default::default(),
-            token: parked.new_token(0),
-            hung_up: false,
-            head_deadline: None,
-            slot: None,
-            home: 0,
-            linger: None,
-        })
+        Conn::connected(parked.new_token(0)).0
     }
 
     #[test]
