@@ -260,7 +260,10 @@ impl PendingResponse for Forward {
                 fd: conn.stream().as_raw_fd(),
                 home: conn.home(),
             },
-            Phase::Sending { .. } => WaitOn::Client,
+            Phase::Sending { conn, .. } => WaitOn::ClientOrPooled {
+                fd: conn.stream().as_raw_fd(),
+                home: conn.home(),
+            },
             Phase::Backoff(timer) => WaitOn::Fd(timer.fd()),
             Phase::Queued(place, _) => WaitOn::Fd(place.fd()),
             Phase::Idle => unreachable!("awaited only when queued, connecting, sending, sent or backing off"),
@@ -461,10 +464,12 @@ impl Forward {
         if flushed && !body_taken {
             body_taken = matches!(forward_body(downstream, upstream, &mut outbox)?, BodyPart::End);
         }
-        // An upstream that stops reading may have answered already (413,
-        // say): that answer goes to the client now, not a 504 once the
-        // write times out (RFC 9112 §9.5 has clients watch for it).
-        self.body_cut = !outbox.is_empty() && conn.has_spoken();
+        // An upstream may answer before it has the whole body (413, say),
+        // and stop reading: that answer goes to the client now, not a 504
+        // once the write times out, nor once the client has sent all (RFC
+        // 9112 §9.5 has clients watch for it).
+        let waits = !outbox.is_empty() || !body_taken;
+        self.body_cut = waits && conn.has_spoken();
         self.phase = match body_taken && outbox.is_empty() || self.body_cut {
             true => Phase::Waiting(conn),
             false => Phase::Sending {

@@ -104,6 +104,10 @@ pub enum WaitOn {
     /// [`Downstream::read_body`]). Watched for the connection's life, like
     /// a pooled connection, and woken at once the same way.
     Client,
+    /// The client's socket as for `Client`, and a pooled connection as
+    /// well: whichever is ready first ends the wait. For an upstream that
+    /// may answer while the request body is still arriving.
+    ClientOrPooled { fd: RawFd, home: usize },
 }
 
 pub enum Resumed {

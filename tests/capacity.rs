@@ -316,7 +316,8 @@ fn interim_responses_for_a_client_that_reads_nothing_hold_no_worker() {
 /// A backend that answers `fine`, except that `/stall` gets the first half
 /// of its body at once and the rest only once `release` is set, and that it
 /// reads nothing of a `PUT /stall`'s body until then (and then answers with
-/// the body's length).
+/// the body's length). `/refuse` gets a 413 at once (`/refuse-later`, 300 ms
+/// on), and none of its body is read.
 fn stalling_backend(release: Arc<AtomicBool>) -> Backend {
     stalling_backend_on(TcpListener::bind("127.0.0.1:0").unwrap(), release)
 }
@@ -366,8 +367,11 @@ fn stalling_backend_on(listener: TcpListener, release: Arc<AtomicBool>) -> Backe
             if stalls && length > 0 {
                 released();
             }
-            if path == Some("/refuse") {
-                // Answers at once and reads none of the body.
+            if path == Some("/refuse-later") {
+                thread::sleep(Duration::from_millis(300));
+            }
+            if path.is_some_and(|p| p.starts_with("/refuse")) {
+                // Answers at once (or 300 ms later) and reads none of the body.
                 let _ = stream.write_all(&response(413, &[], b"too big for me"));
                 released();
                 return;
@@ -537,6 +541,32 @@ fn an_upstream_that_answers_before_taking_the_body_is_heard_at_once() {
     // That connection still expects the body: the next request opens another.
     assert_eq!(get(proxy.addr, "/").text(), "fine");
     assert_eq!(backend.connections.load(Ordering::Relaxed), 2);
+    release.store(true, Ordering::Relaxed);
+}
+
+#[test]
+fn an_upstream_that_answers_while_the_body_is_still_coming_is_heard_at_once() {
+    // The client sends a little of its body, then waits: the upstream's
+    // answer, which comes once the proxy waits for more body, goes to the
+    // client now, not when the body or body_timeout is done.
+    let release = Arc::new(AtomicBool::new(false));
+    let backend = stalling_backend(release.clone());
+    let proxy = Proxy::start(backend.addr);
+    let mut client = Client::connect(proxy.addr);
+    let started = Instant::now();
+    client.send("PUT /refuse-later HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n");
+    client.send([b'u'; 1000]);
+    let resp = client.response();
+    assert_eq!((resp.status, resp.text().as_str()), (413, "too big for me"));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        client.is_closed(),
+        "the body was cut short: no next request"
+    );
     release.store(true, Ordering::Relaxed);
 }
 

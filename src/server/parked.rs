@@ -87,6 +87,10 @@ enum Slot {
     /// exchange waits on an upstream), or a pooled upstream connection
     /// between waits; with what came for it meanwhile.
     Busy(Mark),
+    /// A pooled connection whose exchange waits under the client's token
+    /// (`WaitOn::ClientOrPooled`): its event wakes that client. Left behind
+    /// when the client wakes first, it costs at most one spurious wake.
+    Watching(u64),
 }
 
 /// What came for a busy socket, kept for whoever parks it next.
@@ -227,8 +231,9 @@ impl Parked {
         self.shard(token).lock().remove(&token);
     }
 
-    /// Parks an exchange until what it waits on is ready; the client
-    /// stays busy meanwhile unless that is the client's own socket. Gives
+    /// Parks an exchange until what it waits on is ready (the first of two,
+    /// for `ClientOrPooled`); the client stays busy meanwhile unless it
+    /// waits on the client's own socket. Gives
     /// the exchange back if its socket already had an event. A descriptor
     /// that is neither a pooled connection nor the client is watched in `home`.
     pub fn suspend(
@@ -241,14 +246,20 @@ impl Parked {
         let wait_on = suspended.wait_on();
         let waiting = Waiting::Exchange(conn, suspended);
         match wait_on {
-            WaitOn::Pooled { fd, home } => {
+            WaitOn::Pooled { fd, home } | WaitOn::ClientOrPooled { fd, home } => {
                 let token = upstream_token(fd, home);
                 let mut shard = self.shard(token).lock();
                 if let Some(Slot::Busy(_)) = shard.get(&token) {
                     shard.remove(&token);
                     return Some(waiting);
                 }
-                shard.insert(token, self.waiting_until(waiting, deadline));
+                if matches!(wait_on, WaitOn::Pooled { .. }) {
+                    shard.insert(token, self.waiting_until(waiting, deadline));
+                } else {
+                    shard.insert(token, Slot::Watching(waiting.conn().token));
+                    drop(shard);
+                    return self.wait_for_client(waiting, deadline);
+                }
             }
             WaitOn::Client => return self.wait_for_client(waiting, deadline),
             WaitOn::Fd(fd) => {
@@ -323,6 +334,16 @@ impl Parked {
                 return None;
             }
             None => return None,
+            Some(Slot::Watching(client)) => {
+                let client = *client;
+                // Its own next wait finds this event, too.
+                shard.insert(token, Slot::Busy(Mark::Event));
+                drop(shard);
+                return self.take(Ready {
+                    token: client,
+                    hung_up: false,
+                });
+            }
             Some(slot) => slot,
         };
         // A client connection stays known while it is served; another
