@@ -222,34 +222,46 @@ fn a_large_upload_sent_in_pauses_arrives_whole() {
     assert_eq!(upload.response().text(), format!("{total} {sum}"));
 }
 
+/// A proxy with one worker and no helpers allowed: whatever holds that
+/// worker holds every request.
+fn one_worker_proxy(backend: std::net::SocketAddr) -> Proxy {
+    Proxy::with(
+        backend,
+        Conf {
+            server: "workers = 1\nmax_workers = 1\nwrite_timeout = \"10s\"",
+            ..Conf::default()
+        },
+    )
+}
+
+/// 20 requests for `/` (answered `fine`) take well under the 10 s a held
+/// worker would make them wait.
+fn assert_the_worker_is_free(addr: std::net::SocketAddr) {
+    let started = Instant::now();
+    for _ in 0..20 {
+        assert_eq!(get(addr, "/").text(), "fine");
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "20 requests took {took:?}");
+}
+
 #[test]
 fn slow_readers_hold_no_worker() {
-    // One worker and no helpers allowed: a response waiting for a client
-    // that does not read must wait in the event loop, not on the worker.
+    // A response waiting for a client that does not read must wait in the
+    // event loop, not on the worker.
     let big: Vec<u8> = (0..16 << 20).map(|i: u32| (i % 251) as u8).collect();
     let expected = big.clone();
     let backend = Backend::start(move |req| match req.target.as_str() {
         "/big" => response(200, &[], &big),
         _ => response(200, &[], b"fine"),
     });
-    let proxy = Proxy::with(
-        backend.addr,
-        Conf {
-            server: "workers = 1\nmax_workers = 1\nwrite_timeout = \"10s\"",
-            ..Conf::default()
-        },
-    );
+    let proxy = one_worker_proxy(backend.addr);
     let mut readers: Vec<Client> = (0..3).map(|_| Client::connect(proxy.addr)).collect();
     for reader in &mut readers {
         reader.send("GET /big HTTP/1.1\r\nHost: a\r\n\r\n");
     }
     thread::sleep(Duration::from_millis(300));
-    let started = Instant::now();
-    for _ in 0..20 {
-        assert_eq!(get(proxy.addr, "/").text(), "fine");
-    }
-    let took = started.elapsed();
-    assert!(took < Duration::from_secs(3), "20 requests took {took:?}");
+    assert_the_worker_is_free(proxy.addr);
     // Each reader then takes its response in small sips, with pauses.
     for reader in &mut readers {
         let mut head = Vec::new();
@@ -280,22 +292,11 @@ fn interim_responses_for_a_client_that_reads_nothing_hold_no_worker() {
         "/hints" => [hints.as_bytes(), &response(200, &[], b"done")].concat(),
         _ => response(200, &[], b"fine"),
     });
-    let proxy = Proxy::with(
-        backend.addr,
-        Conf {
-            server: "workers = 1\nmax_workers = 1\nwrite_timeout = \"10s\"",
-            ..Conf::default()
-        },
-    );
+    let proxy = one_worker_proxy(backend.addr);
     let mut reader = Client::connect(proxy.addr);
     reader.send("GET /hints HTTP/1.1\r\nHost: a\r\n\r\n");
     thread::sleep(Duration::from_millis(300));
-    let started = Instant::now();
-    for _ in 0..20 {
-        assert_eq!(get(proxy.addr, "/").text(), "fine");
-    }
-    let took = started.elapsed();
-    assert!(took < Duration::from_secs(3), "20 requests took {took:?}");
+    assert_the_worker_is_free(proxy.addr);
     // What it then reads is whole 103s, fewer than were sent, and the answer.
     let mut interims = 0;
     let last = loop {
