@@ -139,7 +139,6 @@ impl Module for ProxyCore {
             body_timeout: self.body_timeout,
             head_request: req.method == "HEAD",
             received_any: false,
-            body_cut: false,
         };
         match forward.send(req, downstream, ctx) {
             Ok(()) => Flow::Await(Box::new(forward)),
@@ -224,9 +223,6 @@ struct Forward {
     body_timeout: Duration,
     head_request: bool,
     received_any: bool,
-    /// The upstream answered before taking all of the request body: its
-    /// connection cannot carry another request.
-    body_cut: bool,
 }
 
 enum Phase {
@@ -289,8 +285,8 @@ impl PendingResponse for Forward {
                 self.when_open(conn, by, req, client, ctx).map(|()| None)
             }
             Phase::Sending { .. } => match self.send_body(client) {
-                Ok(()) if self.body_cut => self.progress(req, client, ctx),
-                sent => sent.map(|()| None),
+                Ok(true) => self.progress(req, client, ctx),
+                sent => sent.map(|_| None),
             },
             _ => self.progress(req, client, ctx),
         };
@@ -427,13 +423,13 @@ impl Forward {
             return self.when_open(fresh, self.connect_deadline(), req, downstream, ctx);
         }
         self.received_any = false;
-        self.body_cut = false;
         self.phase = Phase::Sending {
             conn,
             outbox,
             body_taken: false,
         };
-        self.send_body(downstream)
+        // What the upstream may have said already wakes the wait at once.
+        self.send_body(downstream).map(drop)
     }
 
     /// After `f`, on to another server if the lease allows one; else `f` stands.
@@ -449,8 +445,9 @@ impl Forward {
     /// Sends what waits in the outbox, forwards what has arrived of the
     /// request body, and once all of it is sent, waits for the response.
     /// Neither a client that sends its body slowly nor an upstream slow to
-    /// read it holds a worker meanwhile.
-    fn send_body(&mut self, downstream: &mut Downstream) -> Result<(), Failure> {
+    /// read it holds a worker meanwhile. True if the upstream has sent
+    /// something before it has the whole body: read it now (see `respond`).
+    fn send_body(&mut self, downstream: &mut Downstream) -> Result<bool, Failure> {
         let Phase::Sending {
             conn,
             mut outbox,
@@ -464,13 +461,14 @@ impl Forward {
         if flushed && !body_taken {
             body_taken = matches!(forward_body(downstream, upstream, &mut outbox)?, BodyPart::End);
         }
+        let sent = body_taken && outbox.is_empty();
         // An upstream may answer before it has the whole body (413, say),
         // and stop reading: that answer goes to the client now, not a 504
         // once the write times out, nor once the client has sent all (RFC
-        // 9112 §9.5 has clients watch for it).
-        let waits = !outbox.is_empty() || !body_taken;
-        self.body_cut = waits && conn.has_spoken();
-        self.phase = match body_taken && outbox.is_empty() || self.body_cut {
+        // 9112 §9.5 has clients watch for it). A 1xx is no answer: the body
+        // goes on.
+        let spoken = !sent && conn.has_spoken();
+        self.phase = match sent {
             true => Phase::Waiting(conn),
             false => Phase::Sending {
                 conn,
@@ -478,7 +476,7 @@ impl Forward {
                 body_taken,
             },
         };
-        Ok(())
+        Ok(spoken)
     }
 
     /// After a failed attempt: back off, then retry on another server if the
@@ -571,8 +569,8 @@ impl Forward {
     /// end, will be reported; an end already here is found by reading on).
     /// 1xx responses go on to the client.
     fn read_head(&mut self, client: &mut Downstream) -> Result<Option<(ResponseHead, BodyKind)>, Failure> {
-        let Phase::Waiting(conn) = &mut self.phase else {
-            unreachable!("read only while waiting")
+        let (Phase::Waiting(conn) | Phase::Sending { conn, .. }) = &mut self.phase else {
+            unreachable!("read only once the head is sent")
         };
         let up = conn.conn();
         loop {
@@ -608,10 +606,13 @@ impl Forward {
 
     /// The response as the client gets it, its body read straight off the upstream.
     fn respond(&mut self, mut head: ResponseHead, kind: BodyKind) -> Response {
-        let Phase::Waiting(conn) = std::mem::replace(&mut self.phase, Phase::Idle) else {
-            unreachable!("a response comes only while waiting")
+        let (conn, body_sent) = match std::mem::replace(&mut self.phase, Phase::Idle) {
+            Phase::Waiting(conn) => (conn, true),
+            // Answered before it had the whole body, it still expects the rest.
+            Phase::Sending { conn, .. } => (conn, false),
+            _ => unreachable!("a response comes only once the head is sent"),
         };
-        let reusable = head.keep_alive() && kind != BodyKind::UntilClose && !self.body_cut;
+        let reusable = body_sent && head.keep_alive() && kind != BodyKind::UntilClose;
         strip_hop_by_hop(&mut head.headers, &[]);
         add_via(&mut head.headers, head.version, &self.via);
         let body = match kind {

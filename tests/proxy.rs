@@ -371,6 +371,39 @@ fn interim_responses_are_passed_through() {
 }
 
 #[test]
+fn an_interim_response_before_the_body_is_all_sent_does_not_stop_the_upload() {
+    // The backend sends 103 as soon as it has the head, then reads the
+    // whole body: a 1xx is no answer, so the body must still go through.
+    let backend = Backend::raw(|stream| {
+        let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+        let mut stream = stream;
+        let mut length = 0;
+        let mut line = String::new();
+        while line != "\r\n" {
+            line.clear();
+            std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap();
+            }
+        }
+        stream
+            .write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n")
+            .unwrap();
+        let mut body = vec![0u8; length];
+        reader.read_exact(&mut body).unwrap();
+        let _ = stream.write_all(&response(200, &[], body.len().to_string().as_bytes()));
+    });
+    let proxy = Proxy::start(backend.addr);
+    let mut client = Client::connect(proxy.addr);
+    client.send("PUT /up HTTP/1.1\r\nHost: a\r\nContent-Length: 200000\r\n\r\n");
+    client.send([b'u'; 1000]);
+    std::thread::sleep(Duration::from_millis(300));
+    client.send([b'u'; 199_000]);
+    assert_eq!(client.response().status, 103);
+    assert_eq!(client.response().text(), "200000");
+}
+
+#[test]
 fn expect_100_continue_is_answered_before_the_body_is_sent() {
     let backend = Backend::start(|req| response(200, &[], &req.body));
     let proxy = Proxy::start(backend.addr);
