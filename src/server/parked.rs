@@ -233,9 +233,9 @@ impl Parked {
 
     /// Parks an exchange until what it waits on is ready (the first of two,
     /// for `ClientOrPooled`); the client stays busy meanwhile unless it
-    /// waits on the client's own socket. Gives
-    /// the exchange back if its socket already had an event. A descriptor
-    /// that is neither a pooled connection nor the client is watched in `home`.
+    /// waits on the client's own socket. Gives the exchange back if its
+    /// socket already had an event. A descriptor that is neither a pooled
+    /// connection nor the client is watched in `home`.
     pub fn suspend(
         &self,
         conn: Box<Conn>,
