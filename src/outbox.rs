@@ -1,7 +1,8 @@
 //! Bytes bound for a non-blocking socket that it had no room for yet: the
 //! rest of a request head or body frame, or spliced body bytes still in
-//! their pipe. They wait here, and go before anything sent after them, so
-//! a peer slow to read holds a few buffers, not a thread.
+//! their pipe, on their way upstream; an interim or error response on its
+//! way to a client. They wait here, and go before anything sent after
+//! them, so a peer slow to read holds a few buffers, not a thread.
 
 use std::io;
 use std::net::TcpStream;
@@ -40,6 +41,16 @@ impl Outbox {
             return Ok(false);
         }
         splice::flush(&mut self.spliced, to)
+    }
+
+    /// The bytes that wait, handed over to go out in front of what is sent
+    /// next by other means (a response framed behind them).
+    pub fn take(&mut self) -> Vec<u8> {
+        debug_assert!(
+            self.spliced.is_none(),
+            "spliced bytes cannot be handed over"
+        );
+        std::mem::take(&mut self.bytes)
     }
 
     /// Where a splice towards the same socket keeps what it had no room for.

@@ -13,10 +13,11 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use super::downstream::{Downstream, RequestBody};
-use super::outgoing::{send_some, Hooks, Outgoing, Owed, Progress};
+use super::outgoing::{send_some, Hooks, Outgoing, Progress};
 use super::{OpenSlot, Shared};
 use crate::http::{request, Framing, HttpError, ReadBuf, Request};
 use crate::logging::AccessRecord;
+use crate::outbox::Outbox;
 use crate::pipeline::{Body, Context, Handled, PendingResponse, Response, Resumed, WaitOn};
 
 pub struct Conn {
@@ -35,8 +36,10 @@ pub struct Conn {
     pub home: usize,
     /// Set once the connection is answered and closing with input unread.
     pub linger: Option<Linger>,
-    /// Bytes its socket had no room for yet, to go out before any others.
-    pub owed: Owed,
+    /// Bytes its socket had no room for yet (an interim or error
+    /// response), to go out before any others. Never waited for: a client
+    /// that reads nothing must not hold a worker.
+    pub owed: Outbox,
 }
 
 /// Closing a socket with unread input sends RST, and an RST can make the

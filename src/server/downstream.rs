@@ -4,10 +4,10 @@ use std::io;
 use std::net::TcpStream;
 
 use super::connection::Conn;
-use super::outgoing::Owed;
 
 use crate::http::body::{BodyError, BodyPart, BodyReader};
 use crate::http::{BodyKind, Framing, ReadBuf, ResponseHead, Version};
+use crate::outbox::Outbox;
 use crate::splice::{splice, Held, SpliceError};
 
 /// Where the request body stands. It lives with the exchange, so a module
@@ -39,7 +39,7 @@ pub struct Downstream<'c> {
     stream: &'c mut TcpStream,
     buf: &'c mut ReadBuf,
     /// Where interim responses wait for room in the client's socket.
-    owed: &'c mut Owed,
+    owed: &'c mut Outbox,
     body: &'c mut RequestBody,
     version: Version,
 }
@@ -100,10 +100,11 @@ impl<'c> Downstream<'c> {
     /// Answers `Expect: 100-continue` once, and sends on an interim
     /// response the client had no room for, as far as it now has room.
     fn invite_body(&mut self) -> io::Result<()> {
+        self.owed.flush(self.stream)?;
         if std::mem::take(&mut self.body.continue_owed) && !self.body.is_done() {
-            return self.owed.send(self.stream, CONTINUE);
+            self.owed.send(self.stream, CONTINUE)?;
         }
-        self.owed.flush(self.stream).map(drop)
+        Ok(())
     }
 
     /// Raw trailer lines of a chunked request body, valid once it is read.

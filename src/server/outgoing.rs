@@ -78,7 +78,8 @@ pub enum Progress {
 }
 
 impl Outgoing {
-    /// Frames `resp`, to go out after the bytes `ahead` (see [`Owed`]): its
+    /// Frames `resp`, to go out after the bytes `ahead` (an interim response
+    /// the client had no room for): its
     /// own framing fields go, ours (Content-Length or chunked, Connection)
     /// come in. A body known whole is shown to the stages at once; a stream
     /// is shown piece by piece as it is written.
@@ -309,45 +310,6 @@ fn send_vectored(fd: RawFd, parts: &[IoSlice]) -> io::Result<usize> {
         return Err(io::Error::last_os_error());
     }
     Ok(n as usize)
-}
-
-/// Bytes owed to the client ahead of whatever comes next (an interim
-/// response, an error) that its socket had no room for. They go out as room
-/// appears and are never waited for: a client that reads nothing must not
-/// hold a worker.
-#[derive(Default)]
-pub struct Owed(Vec<u8>);
-
-impl Owed {
-    /// Sends what the socket takes of what is owed; true once nothing is.
-    pub fn flush(&mut self, stream: &TcpStream) -> io::Result<bool> {
-        if !self.0.is_empty() {
-            let sent = send_some(stream, &self.0)?;
-            self.0.drain(..sent);
-        }
-        Ok(self.0.is_empty())
-    }
-
-    /// Sends `bytes` after what is owed, as far as the socket takes them;
-    /// owes the rest.
-    pub fn send(&mut self, stream: &TcpStream, bytes: &[u8]) -> io::Result<()> {
-        let sent = if self.flush(stream)? {
-            send_some(stream, bytes)?
-        } else {
-            0
-        };
-        self.0.extend_from_slice(&bytes[sent..]);
-        Ok(())
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// What is owed, to go out ahead of a response.
-    pub fn take(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.0)
-    }
 }
 
 /// Sends as much of `bytes` as a non-blocking socket takes now; how much.
