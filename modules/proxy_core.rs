@@ -179,7 +179,7 @@ impl ProxyCore {
             headers.append("Transfer-Encoding", "chunked");
         }
 
-        let mut out = Vec::with_capacity(512);
+        let mut out = crate::spare::bytes(512);
         out.extend_from_slice(req.method.as_bytes());
         out.push(b' ');
         out.extend_from_slice(req.target.as_bytes());
@@ -223,6 +223,12 @@ struct Forward {
     body_timeout: Duration,
     head_request: bool,
     received_any: bool,
+}
+
+impl Drop for Forward {
+    fn drop(&mut self) {
+        crate::spare::give_back_bytes(std::mem::take(&mut self.head));
+    }
 }
 
 enum Phase {

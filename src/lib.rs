@@ -17,6 +17,7 @@ pub mod outbox;
 pub mod pipeline;
 pub mod pool;
 pub mod server;
+pub mod spare;
 pub mod splice;
 pub mod upstream;
 pub mod wait;

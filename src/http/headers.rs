@@ -8,6 +8,8 @@
 
 use std::ops::Range;
 
+use crate::spare::{self, Spares};
+
 #[derive(Clone, Default)]
 pub struct Headers {
     bytes: Vec<u8>,
@@ -36,10 +38,11 @@ impl Headers {
         let base = offset_in(head, first.name.as_bytes());
         // Every line from the first field to the empty line that ends the head.
         let section = &head[base..head.len() - 2];
-        let mut bytes = Vec::with_capacity(section.len() + 256);
+        let mut bytes = spare::bytes(section.len() + 256);
         bytes.extend_from_slice(section);
         let at = |part: &[u8]| (offset_in(head, part) - base) as u32;
-        let mut entries: Vec<Entry> = Vec::with_capacity(fields.len() + 8);
+        let mut entries = SPARE_ENTRIES.with(Spares::take);
+        entries.reserve(fields.len() + 8);
         for field in fields {
             let start = at(field.name.as_bytes());
             let name = start..start + field.name.len() as u32;
@@ -222,6 +225,18 @@ impl Headers {
 }
 
 /// Where `part`, a slice of `whole`, starts in it.
+impl Drop for Headers {
+    fn drop(&mut self) {
+        crate::spare::give_back_bytes(std::mem::take(&mut self.bytes));
+        let entries = std::mem::take(&mut self.entries);
+        let _ = SPARE_ENTRIES.try_with(|spares| spares.give_back(entries));
+    }
+}
+
+thread_local! {
+    static SPARE_ENTRIES: Spares<Entry> = const { Spares::new(128, 64) };
+}
+
 fn offset_in(whole: &[u8], part: &[u8]) -> usize {
     let offset = (part.as_ptr() as usize).wrapping_sub(whole.as_ptr() as usize);
     assert!(offset + part.len() <= whole.len(), "a slice from elsewhere");

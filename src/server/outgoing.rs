@@ -77,6 +77,12 @@ pub enum Progress {
     Waits(WaitOn, Duration),
 }
 
+impl Drop for Outgoing {
+    fn drop(&mut self) {
+        crate::spare::give_back_bytes(std::mem::take(&mut self.out));
+    }
+}
+
 impl Outgoing {
     /// Frames `resp`, to go out after the bytes `ahead` (an interim response
     /// the client had no room for): its
@@ -124,7 +130,12 @@ impl Outgoing {
         } else if req.version == Version::Http10 {
             head.headers.append("Connection", "keep-alive");
         }
-        let mut out = ahead;
+        // What the client is owed goes first.
+        let mut out = if ahead.is_empty() {
+            crate::spare::bytes(1024)
+        } else {
+            ahead
+        };
         out.reserve(1024);
         head.write_to(&mut out);
 
