@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side load benchmark: Proxycache vs nginx vs HAProxy, all in front of
 # the same nginx backend, all on 127.0.0.1, driven by wrk one server at a time;
-# and, for cache hits, Proxycache vs Varnish.
+# and, for cache hits, Proxycache vs Varnish; then head to head: Proxycache and
+# one other proxy loaded at the same time, each in front of its own backend.
 #
 # Usage (from the repo root):
 #   bash benches/load.sh                  # 10 s per measured run
@@ -18,6 +19,9 @@
 #   IDLE_CONNS       keep-alive connections held open for the memory test (default 5000)
 #   ROUNDS           run every scenario this many times, servers interleaved, and
 #                    report medians (default 1); steadier ratios on a noisy machine
+#   DUEL_BACKEND_PORT, DUEL_PROXYCACHE_PORT
+#                    the head-to-head Proxycache and its own backend
+#                    (default 18085, 18086)
 #
 # Progress goes to stderr; the Markdown report goes to stdout.
 set -euo pipefail
@@ -30,6 +34,8 @@ PROXYCACHE_PORT=${PROXYCACHE_PORT:-18081}
 NGINX_PORT=${NGINX_PORT:-18082}
 HAPROXY_PORT=${HAPROXY_PORT:-18083}
 VARNISH_PORT=${VARNISH_PORT:-18084}
+DUEL_BACKEND_PORT=${DUEL_BACKEND_PORT:-18085}
+DUEL_PROXYCACHE_PORT=${DUEL_PROXYCACHE_PORT:-18086}
 IDLE_CONNS=${IDLE_CONNS:-5000}
 ROUNDS=${ROUNDS:-1}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -39,7 +45,8 @@ SERVERS=(backend proxycache nginx haproxy)
 CACHE_SERVERS=(backend proxycache varnish)
 
 declare -A PORT=([backend]=$BACKEND_PORT [proxycache]=$PROXYCACHE_PORT
-                 [nginx]=$NGINX_PORT [haproxy]=$HAPROXY_PORT [varnish]=$VARNISH_PORT)
+                 [nginx]=$NGINX_PORT [haproxy]=$HAPROXY_PORT [varnish]=$VARNISH_PORT
+                 [duel-backend]=$DUEL_BACKEND_PORT [duel-proxycache]=$DUEL_PROXYCACHE_PORT)
 declare -A PID=()   # server name -> pid of the process we started
 declare -A LOG=()   # server name -> its log file
 declare -A RES=()   # "scenario|server|field" -> parsed wrk value (median over rounds)
@@ -112,9 +119,11 @@ find_proxycache() {
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-# Refuse to start on a busy port: we would then measure someone else's server.
+# Refuse to start server $1 on a busy port: we would then measure someone
+# else's server. Its port's variable is its name in capitals.
 require_free_port() {
-    port_open "$1" && die "port $1 is already in use (override with ${2}_PORT=...)"
+    local var=${1^^}
+    port_open "${PORT[$1]}" && die "port ${PORT[$1]} is already in use (override with ${var//-/_}_PORT=...)"
     return 0
 }
 
@@ -165,13 +174,15 @@ http {
 EOF
 }
 
+# start_backend NAME: the backend the proxies stand in front of.
 start_backend() {
-    require_free_port "$BACKEND_PORT" BACKEND
-    head -c 65536 /dev/urandom >"$WORK/64k"
+    local name=$1
+    require_free_port "$name"
+    [[ -e $WORK/64k ]] || head -c 65536 /dev/urandom >"$WORK/64k"
     touch "$WORK/upload"
-    { nginx_head backend 1; cat <<EOF
+    { nginx_head "$name" 1; cat <<EOF
     server {
-        listen 127.0.0.1:$BACKEND_PORT;
+        listen 127.0.0.1:${PORT[$name]};
         root $WORK;
         location = / { return 200 "hello world\n"; }
         # Proxy scenarios measure forwarding: no-store keeps Proxycache's cache
@@ -206,31 +217,33 @@ start_backend() {
     }
 }
 EOF
-    } >"$WORK/backend.conf"
-    run_nginx backend "$WORK/backend.conf"
+    } >"$WORK/$name.conf"
+    run_nginx "$name" "$WORK/$name.conf"
 }
 
+# start_proxycache NAME BACKEND_NAME
 start_proxycache() {
-    require_free_port "$PROXYCACHE_PORT" PROXYCACHE
-    LOG[proxycache]=$WORK/proxycache.log
-    cat >"$WORK/proxycache.toml" <<EOF
+    local name=$1 backend=$2
+    require_free_port "$name"
+    LOG[$name]=$WORK/$name.log
+    cat >"$WORK/$name.toml" <<EOF
 [server]
-listen_addr = "127.0.0.1:$PROXYCACHE_PORT"
-backend_addr = "127.0.0.1:$BACKEND_PORT"
+listen_addr = "127.0.0.1:${PORT[$name]}"
+backend_addr = "127.0.0.1:${PORT[$backend]}"
 [log]
 level = "warn"
 access_log = "off"
 EOF
-    "$BIN" --config "$WORK/proxycache.toml" >"${LOG[proxycache]}" 2>&1 &
-    PID[proxycache]=$!
-    wait_ready proxycache
+    "$BIN" --config "$WORK/$name.toml" >"${LOG[$name]}" 2>&1 &
+    PID[$name]=$!
+    wait_ready "$name"
 }
 
 # nginx as a competent operator would run it as a reverse proxy: one worker
 # per core, pooled keep-alive upstream connections, uploads streamed rather
 # than spooled to disk first (as Proxycache and HAProxy do).
 start_nginx_proxy() {
-    require_free_port "$NGINX_PORT" NGINX
+    require_free_port nginx
     { nginx_head nginx 2; cat <<EOF
     upstream backend {
         server 127.0.0.1:$BACKEND_PORT;
@@ -254,7 +267,7 @@ EOF
 }
 
 start_haproxy() {
-    require_free_port "$HAPROXY_PORT" HAPROXY
+    require_free_port haproxy
     LOG[haproxy]=$WORK/haproxy.log
     # Each proxied connection takes two fds; keep maxconn within the fd limit
     # (the hard limit may be below 2 x 20000) so HAProxy does not complain.
@@ -286,7 +299,7 @@ EOF
 # Cache-Control allows, in memory. -F keeps the manager in the foreground, so
 # PID is the manager, and its TERM also stops the cache child it forks.
 start_varnish() {
-    require_free_port "$VARNISH_PORT" VARNISH
+    require_free_port varnish
     LOG[varnish]=$WORK/varnish.log
     cat >"$WORK/varnish.vcl" <<EOF
 vcl 4.1;
@@ -329,6 +342,12 @@ parse_wrk() {
     [[ -n ${RES[$scen|$name|rps]} ]] || die "could not parse wrk output for $scen / $name: $(cat "$file")"
 }
 
+# CPU time $1 (clock ticks) per request of wrk output file $2, in µs.
+per_request() {
+    awk -v t="$1" -v hz="$CLK_TCK" -v n="$(awk '/ requests in / { print $1 }' "$2")" \
+        'BEGIN { if (n > 0) printf "%.1f", t * 1e6 / hz / n; else print "?" }'
+}
+
 # run_wrk SCENARIO SERVER PATH CONNS THREADS [LUA]: warm-up, then measured run.
 run_wrk() {
     local scen=$1 name=$2 path=$3 conns=$4 threads=$5 lua=${6:-}
@@ -342,8 +361,7 @@ run_wrk() {
     ticks=$(( $(cpu_ticks_of "${PID[$name]}") - ticks ))
     kill -0 "${PID[$name]}" 2>/dev/null || { tail -n 30 "${LOG[$name]}" >&2; die "$name died during $scen"; }
     parse_wrk "$scen" "$name" "$out"
-    RES[$scen|$name|cpu]=$(awk -v t="$ticks" -v hz="$CLK_TCK" -v n="$(awk '/ requests in / { print $1 }' "$out")" \
-        'BEGIN { if (n > 0) printf "%.1f", t * 1e6 / hz / n; else print "?" }')
+    RES[$scen|$name|cpu]=$(per_request "$ticks" "$out")
     log "$(printf '%-14s %-10s %8s req/s  p50 %6s us  p99 %7s us  cpu %5s us/req  errors %s' "$scen" "$name" \
         "${RES[$scen|$name|rps]}" "${RES[$scen|$name|p50]}" "${RES[$scen|$name|p99]}" \
         "${RES[$scen|$name|cpu]}" "${RES[$scen|$name|err]}")"
@@ -351,6 +369,45 @@ run_wrk() {
     for field in rps p50 p99 cpu err; do
         ALL[$scen|$name|$field]+=" ${RES[$scen|$name|$field]}"
     done
+}
+
+# run_duel OTHER: Proxycache and OTHER loaded at the same time with GET / by
+# one wrk thread and 32 connections each (together the load of small c64),
+# each proxy in front of a backend of its own. Whatever else the machine does
+# meanwhile slows both alike, so their ratio holds where runs one after the
+# other swing by ±15 %. The backends' CPU per request shows what each proxy's
+# requests cost the server behind it.
+run_duel() {
+    local other=$1 scen="vs $1" name i wrks=() field
+    local names=(duel-proxycache "$other") backends=(duel-backend backend)
+    local -A ticks=()
+    for name in "${names[@]}"; do
+        wrk -t 1 -c 32 -d "$WARMUP" "http://127.0.0.1:${PORT[$name]}/" >/dev/null & wrks+=($!)
+    done
+    wait "${wrks[@]}"
+    wrks=()
+    for name in "${names[@]}" "${backends[@]}"; do ticks[$name]=$(cpu_ticks_of "${PID[$name]}"); done
+    for name in "${names[@]}"; do
+        wrk -t 1 -c 32 -d "$DURATION" --latency "http://127.0.0.1:${PORT[$name]}/" >"$WORK/duel-$other-$name.txt" & wrks+=($!)
+    done
+    wait "${wrks[@]}"
+    for name in "${names[@]}" "${backends[@]}"; do
+        ticks[$name]=$(( $(cpu_ticks_of "${PID[$name]}") - ${ticks[$name]} ))
+        kill -0 "${PID[$name]}" 2>/dev/null || { tail -n 30 "${LOG[$name]}" >&2; die "$name died during $scen"; }
+    done
+    for i in 0 1; do
+        name=${names[$i]}
+        parse_wrk "$scen" "$name" "$WORK/duel-$other-$name.txt"
+        RES[$scen|$name|cpu]=$(per_request "${ticks[$name]}" "$WORK/duel-$other-$name.txt")
+        RES[$scen|$name|backend_cpu]=$(per_request "${ticks[${backends[$i]}]}" "$WORK/duel-$other-$name.txt")
+        for field in rps p50 p99 cpu backend_cpu err; do
+            ALL[$scen|$name|$field]+=" ${RES[$scen|$name|$field]}"
+        done
+    done
+    ALL[$scen|ratio]+=" $(ratio "${RES[$scen|duel-proxycache|rps]}" "${RES[$scen|$other|rps]}")"
+    log "$(printf '%-14s %8s against %8s req/s  cpu %5s against %5s us/req  backends %5s against %5s us/req' "$scen" \
+        "${RES[$scen|duel-proxycache|rps]}" "${RES[$scen|$other|rps]}" "${RES[$scen|duel-proxycache|cpu]}" \
+        "${RES[$scen|$other|cpu]}" "${RES[$scen|duel-proxycache|backend_cpu]}" "${RES[$scen|$other|backend_cpu]}")"
 }
 
 # After every round: each value the median of its rounds, errors their sum.
@@ -447,7 +504,7 @@ measure_idle_conns() {
 # errors, HAProxy's startup notices) so nothing odd goes unnoticed.
 show_logs() {
     local name
-    for name in "${SERVERS[@]}" varnish; do
+    for name in "${SERVERS[@]}" varnish duel-backend duel-proxycache; do
         [[ -s ${LOG[$name]} ]] || continue
         log "$name log: $(wc -l <"${LOG[$name]}") lines; most frequent (timestamps and ids stripped):"
         sed -E 's/^[0-9T:./ -]+(\[[a-z]+\])? *//; s/[0-9]+#[0-9]+: \*[0-9]+ //; s/client: [0-9.:]+/client: …/' \
@@ -518,6 +575,21 @@ report() {
             "$(ratio "$rps_pc" "$rps_v")" "$( (( rps_pc * 10 >= rps_v * 12 )) && echo yes || echo NO)" \
             "$pc" "${RES[$scen|varnish|p99]}" "$( (( pc <= ${RES[$scen|varnish|p99]} )) && echo yes || echo NO)"
     done
+    echo
+    echo "Head to head: Proxycache and one other proxy loaded at the same time (GET /, \`wrk -t 1 -c 32\` each),"
+    echo "each in front of its own backend; the req/s ratio is the median of each round's ratio:"
+    echo
+    echo "| pair | req/s pc | req/s other | req/s pc/other | p99 pc / other (µs) | CPU/req pc / other (µs) | backend CPU/req behind pc / other (µs) | errors pc / other |"
+    echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    for scen in "${DUELS[@]}"; do
+        name=${scen#vs }
+        printf '| %s | %s | %s | %s | %s / %s | %s / %s | %s / %s | %s / %s |\n' "pc $scen" \
+            "${RES[$scen|duel-proxycache|rps]}" "${RES[$scen|$name|rps]}" "${RES[$scen|ratio]}" \
+            "${RES[$scen|duel-proxycache|p99]}" "${RES[$scen|$name|p99]}" \
+            "${RES[$scen|duel-proxycache|cpu]}" "${RES[$scen|$name|cpu]}" \
+            "${RES[$scen|duel-proxycache|backend_cpu]}" "${RES[$scen|$name|backend_cpu]}" \
+            "${RES[$scen|duel-proxycache|err]}" "${RES[$scen|$name|err]}"
+    done
     for warning in "${WARN[@]}"; do
         echo
         echo "**Warning:** $warning"
@@ -552,8 +624,10 @@ write_holder
 printf 'wrk.method = "POST"\nwrk.body = string.rep("x", 1048576)\nwrk.headers["Content-Type"] = "application/octet-stream"\n' >"$WORK/post.lua"
 log "work dir $WORK, fd limit $(ulimit -n), wrk $DURATION per run"
 
-start_backend
-start_proxycache
+start_backend backend
+start_backend duel-backend
+start_proxycache proxycache backend
+start_proxycache duel-proxycache duel-backend
 start_nginx_proxy
 start_haproxy
 start_varnish
@@ -564,6 +638,7 @@ done
 # name -> "path connections threads [lua script]"
 SCENARIOS=("small c64" "64k c64" "small c1000" "latency c1" "post 1MiB c16")
 CACHE_SCENARIOS=("hit small c64" "hit 64k c64")
+DUELS=("vs nginx" "vs haproxy")
 declare -A SPEC=(
     ["small c64"]="/ 64 2"
     ["64k c64"]="/64k 64 2"
@@ -590,6 +665,7 @@ for round in $(seq 1 "$ROUNDS"); do
             [[ $name == backend ]] || check_hit "$name" "${SPEC[$scen]%% *}"
         done
     done
+    for scen in "${DUELS[@]}"; do run_duel "${scen#vs }"; done
 done
 take_medians
 
