@@ -543,17 +543,22 @@ impl Module for Arc<Cache> {
                 Err(absent) => (None, absent),
             },
         };
-        let now = Instant::now();
         let status = match &stored {
             _ if asked.no_cache => "request",
             None => absent,
-            Some(entry) if servable(entry, &asked, now) => return Flow::Respond(self.hit(entry, req, now, ctx)),
-            Some(entry) if within_stale_while_revalidate(entry, now) => {
-                self.refresh_in_background(&key, host, &req.target, entry);
-                ctx.put(State::Hit);
-                return Flow::Respond(self.serve(entry, Some(req), now, "hit; fwd=stale; detail=stale-while-revalidate", true));
+            Some(entry) => {
+                // The clock is read only when there is an entry to judge.
+                let now = Instant::now();
+                if servable(entry, &asked, now) {
+                    return Flow::Respond(self.hit(entry, req, now, ctx));
+                }
+                if within_stale_while_revalidate(entry, now) {
+                    self.refresh_in_background(&key, host, &req.target, entry);
+                    ctx.put(State::Hit);
+                    return Flow::Respond(self.serve(entry, Some(req), now, "hit; fwd=stale; detail=stale-while-revalidate", true));
+                }
+                "stale"
             }
-            Some(_) => "stale",
         };
         if asked.only_if_cached {
             ctx.put(State::Hit);

@@ -352,7 +352,6 @@ impl Forward {
                 true => self.pool.checkout_unchecked(self.addr),
                 false => self.pool.checkout(self.addr),
             };
-            let until = *queued_until.get_or_insert_with(|| self.connect_deadline());
             match checkout {
                 Ok(conn) => {
                     if let Some(mut place) = place {
@@ -360,10 +359,11 @@ impl Forward {
                     }
                     break conn;
                 }
-                Err(PoolError::Exhausted) if Instant::now() < until => match place.take() {
+                // The deadline is set by the first refusal, not read per checkout.
+                Err(PoolError::Exhausted) if Instant::now() < *queued_until.get_or_insert_with(|| self.connect_deadline()) => match place.take() {
                     Some(place) => {
                         place.wait_again();
-                        self.phase = Phase::Queued(place, until);
+                        self.phase = Phase::Queued(place, queued_until.expect("set by the guard"));
                         return Ok(());
                     }
                     None => {

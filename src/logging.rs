@@ -8,7 +8,7 @@ use std::fs::OpenOptions;
 use std::io::{self, BufWriter, Write};
 use std::net::SocketAddr;
 use std::sync::OnceLock;
-use std::time::{Duration, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use parking_lot::Mutex;
 use serde_json::json;
@@ -35,7 +35,8 @@ pub struct AccessRecord<'a> {
     pub status: u16,
     /// Body bytes sent to the client.
     pub bytes: u64,
-    pub duration: Duration,
+    /// When the request began: its duration is read only if there is a log to write.
+    pub started: Instant,
     pub upstream: Option<SocketAddr>,
     pub request_id: &'a str,
 }
@@ -121,7 +122,7 @@ pub fn access(r: &AccessRecord) {
     let Some(logger) = LOGGER.get() else { return };
     let Some(access) = &logger.access else { return };
     let upstream = r.upstream.map(|u| u.to_string());
-    let micros = r.duration.as_micros() as u64;
+    let micros = r.started.elapsed().as_micros() as u64;
     let line = match logger.format {
         LogFormat::Text => format!(
             "{} access {} \"{} {}\" {} {} {}.{:03}ms upstream={} request_id={}\n",

@@ -375,7 +375,7 @@ fn complete(
         target: &ex.req.target,
         status,
         bytes,
-        duration: ex.ctx.started.elapsed(),
+        started: ex.ctx.started,
         upstream: ex.ctx.upstream,
         request_id: &ex.ctx.request_id,
     });
