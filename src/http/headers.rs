@@ -224,10 +224,10 @@ impl Headers {
     }
 }
 
-/// Where `part`, a slice of `whole`, starts in it.
+/// A list's storage goes to the next head this thread parses (`spare`).
 impl Drop for Headers {
     fn drop(&mut self) {
-        crate::spare::give_back_bytes(std::mem::take(&mut self.bytes));
+        spare::give_back_bytes(std::mem::take(&mut self.bytes));
         let entries = std::mem::take(&mut self.entries);
         let _ = SPARE_ENTRIES.try_with(|spares| spares.give_back(entries));
     }
@@ -237,6 +237,7 @@ thread_local! {
     static SPARE_ENTRIES: Spares<Entry> = const { Spares::new(128, 64) };
 }
 
+/// Where `part`, a slice of `whole`, starts in it.
 fn offset_in(whole: &[u8], part: &[u8]) -> usize {
     let offset = (part.as_ptr() as usize).wrapping_sub(whole.as_ptr() as usize);
     assert!(offset + part.len() <= whole.len(), "a slice from elsewhere");
