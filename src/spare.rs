@@ -47,12 +47,13 @@ thread_local! {
 
 /// An empty byte buffer with room for at least `capacity` bytes.
 pub fn bytes(capacity: usize) -> Vec<u8> {
-    let mut storage = BYTES.with(Spares::take);
+    let mut storage = BYTES.try_with(Spares::take).unwrap_or_default();
     storage.reserve(capacity);
     storage
 }
 
-/// Keeps `storage` for [`bytes`]; a buffer dropped while the thread ends is just freed.
+/// Keeps `storage` for [`bytes`]. While the thread ends (its spares gone),
+/// buffers are new and freed as usual.
 pub fn give_back_bytes(storage: Vec<u8>) {
     let _ = BYTES.try_with(|spares| spares.give_back(storage));
 }

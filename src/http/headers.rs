@@ -41,7 +41,7 @@ impl Headers {
         let mut bytes = spare::bytes(section.len() + 256);
         bytes.extend_from_slice(section);
         let at = |part: &[u8]| (offset_in(head, part) - base) as u32;
-        let mut entries = SPARE_ENTRIES.with(Spares::take);
+        let mut entries = SPARE_ENTRIES.try_with(Spares::take).unwrap_or_default();
         entries.reserve(fields.len() + 8);
         for field in fields {
             let start = at(field.name.as_bytes());
