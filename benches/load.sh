@@ -342,6 +342,11 @@ parse_wrk() {
     [[ -n ${RES[$scen|$name|rps]} ]] || die "could not parse wrk output for $scen / $name: $(cat "$file")"
 }
 
+# Stops the benchmark, with its log, if server $1 died during scenario $2.
+ensure_alive() {
+    kill -0 "${PID[$1]}" 2>/dev/null || { tail -n 30 "${LOG[$1]}" >&2; die "$1 died during $2"; }
+}
+
 # CPU time $1 (clock ticks) per request of wrk output file $2, in µs.
 per_request() {
     awk -v t="$1" -v hz="$CLK_TCK" -v n="$(awk '/ requests in / { print $1 }' "$2")" \
@@ -359,7 +364,7 @@ run_wrk() {
     ticks=$(cpu_ticks_of "${PID[$name]}")
     wrk "${args[@]}" -d "$DURATION" "$url" >"$out"
     ticks=$(( $(cpu_ticks_of "${PID[$name]}") - ticks ))
-    kill -0 "${PID[$name]}" 2>/dev/null || { tail -n 30 "${LOG[$name]}" >&2; die "$name died during $scen"; }
+    ensure_alive "$name" "$scen"
     parse_wrk "$scen" "$name" "$out"
     RES[$scen|$name|cpu]=$(per_request "$ticks" "$out")
     log "$(printf '%-14s %-10s %8s req/s  p50 %6s us  p99 %7s us  cpu %5s us/req  errors %s' "$scen" "$name" \
@@ -393,7 +398,7 @@ run_duel() {
     wait "${wrks[@]}"
     for name in "${names[@]}" "${backends[@]}"; do
         ticks[$name]=$(( $(cpu_ticks_of "${PID[$name]}") - ${ticks[$name]} ))
-        kill -0 "${PID[$name]}" 2>/dev/null || { tail -n 30 "${LOG[$name]}" >&2; die "$name died during $scen"; }
+        ensure_alive "$name" "$scen"
     done
     for i in 0 1; do
         name=${names[$i]}
@@ -581,8 +586,8 @@ report() {
     echo
     echo "| pair | req/s pc | req/s other | req/s pc/other | p99 pc / other (µs) | CPU/req pc / other (µs) | backend CPU/req behind pc / other (µs) | errors pc / other |"
     echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-    for scen in "${DUELS[@]}"; do
-        name=${scen#vs }
+    for name in "${DUELS[@]}"; do
+        scen="vs $name"
         printf '| %s | %s | %s | %s | %s / %s | %s / %s | %s / %s | %s / %s |\n' "pc $scen" \
             "${RES[$scen|duel-proxycache|rps]}" "${RES[$scen|$name|rps]}" "${RES[$scen|ratio]}" \
             "${RES[$scen|duel-proxycache|p99]}" "${RES[$scen|$name|p99]}" \
@@ -638,7 +643,7 @@ done
 # name -> "path connections threads [lua script]"
 SCENARIOS=("small c64" "64k c64" "small c1000" "latency c1" "post 1MiB c16")
 CACHE_SCENARIOS=("hit small c64" "hit 64k c64")
-DUELS=("vs nginx" "vs haproxy")
+DUELS=(nginx haproxy)   # each loaded at once with a second Proxycache
 declare -A SPEC=(
     ["small c64"]="/ 64 2"
     ["64k c64"]="/64k 64 2"
@@ -665,7 +670,7 @@ for round in $(seq 1 "$ROUNDS"); do
             [[ $name == backend ]] || check_hit "$name" "${SPEC[$scen]%% *}"
         done
     done
-    for scen in "${DUELS[@]}"; do run_duel "${scen#vs }"; done
+    for name in "${DUELS[@]}"; do run_duel "$name"; done
 done
 take_medians
 
