@@ -29,8 +29,12 @@ pub struct ReadBuf {
     drained: bool,
 }
 
-/// One read asks the kernel for this much.
-const READ_SIZE: usize = 64 * 1024;
+/// One read asks the kernel for this much: a 64 KiB body and its head in
+/// one read, and so in one write onward. At exactly 64 KiB, such a response
+/// took two reads and two writes, the second of a few hundred bytes, which
+/// woke the client twice: twice the context switches per response for the
+/// proxy and for wrk (docs/PERFORMANCE.md, step 36).
+const READ_SIZE: usize = 68 * 1024;
 
 impl ReadBuf {
     pub fn filled(&self) -> &[u8] {
@@ -477,6 +481,21 @@ mod tests {
         buf.read_from(&mut &b"xyz"[..]).unwrap();
         assert_eq!(buf.filled(), b"xyz");
         assert_eq!(buf.bytes.len(), READ_SIZE);
+    }
+
+    #[test]
+    fn a_64_kib_body_and_its_head_come_in_one_read() {
+        // The head nginx sends for a static 64 KiB file, and a request id.
+        let head = b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\n\
+            Date: Wed, 02 Dec 2026 10:30:41 GMT\r\nContent-Type: application/octet-stream\r\n\
+            Content-Length: 65536\r\nLast-Modified: Wed, 02 Dec 2026 10:29:17 GMT\r\n\
+            Connection: keep-alive\r\nETag: \"692ebf0d-10000\"\r\nAccept-Ranges: bytes\r\n\
+            Cache-Control: no-store\r\nX-Request-Id: 01a2364f-c420-71a9-a149-2a3b76ac2143\r\n\r\n";
+        let response = [&head[..], &[b'x'; 64 * 1024]].concat();
+        let mut buf = ReadBuf::default();
+        let n = buf.read_from(&mut &response[..]).unwrap();
+        assert_eq!(n, response.len());
+        assert!(buf.drained());
     }
 
     #[test]
