@@ -21,6 +21,7 @@ mod downstream;
 mod outgoing;
 mod parked;
 mod reactor;
+mod turn;
 mod workers;
 
 use std::collections::VecDeque;
@@ -48,6 +49,7 @@ use crate::upstream::Upstreams;
 use connection::{Conn, Next};
 use parked::{Parked, Waiting};
 use reactor::{Reactor, Ready};
+use turn::Turn;
 use workers::Workers;
 
 /// The epoll token of the listening socket.
@@ -278,9 +280,10 @@ fn worker(shared: &Arc<Shared>, home: usize, extra: bool) {
     crate::pool::set_home(home);
     let reactor = &shared.reactors[home];
     let backlog = &shared.backlogs[home];
+    let turn = Turn::new();
     let serve = |ready| {
         shared.workers.begin(&stamp);
-        on_event(shared, home, ready);
+        on_event(shared, home, ready, &turn);
         Workers::end(&stamp);
     };
     loop {
@@ -289,7 +292,8 @@ fn worker(shared: &Arc<Shared>, home: usize, extra: bool) {
             serve(ready);
             continue;
         }
-        match reactor.wait(&mut events, timeout) {
+        let events = &mut events;
+        match turn.wait(move || reactor.wait(events, timeout)) {
             Ok(mut ready) if ready.len() > 0 => {
                 let first = ready.next().expect("one event at least");
                 if ready.len() > 0 {
@@ -315,7 +319,7 @@ fn worker(shared: &Arc<Shared>, home: usize, extra: bool) {
     }
 }
 
-fn on_event(shared: &Shared, home: usize, ready: Ready) {
+fn on_event(shared: &Shared, home: usize, ready: Ready, turn: &Turn) {
     if ready.token == LISTENER {
         accept_pending(shared);
         return;
@@ -325,6 +329,9 @@ fn on_event(shared: &Shared, home: usize, ready: Ready) {
     };
     loop {
         let client = waiting.conn().token;
+        if !matches!(waiting, Waiting::Client(_)) {
+            turn.awaited();
+        }
         let next = catch_unwind(AssertUnwindSafe(|| match waiting {
             Waiting::Client(conn) => connection::serve(conn, shared),
             Waiting::Exchange(conn, suspended) => connection::resume(conn, suspended, shared),
@@ -333,7 +340,7 @@ fn on_event(shared: &Shared, home: usize, ready: Ready) {
             }
         }));
         let again = match next {
-            Ok(next) => settle(shared, home, client, next),
+            Ok(next) => settle(shared, home, client, next, turn),
             Err(_) => {
                 log::error!("a connection handler panicked; connection closed, worker continues");
                 shared.parked.close(client);
@@ -351,7 +358,7 @@ fn on_event(shared: &Shared, home: usize, ready: Ready) {
 /// it has more to do at once: bytes (or the end) may be left in its socket,
 /// or an event came for it while it was busy (edge-triggered sockets report
 /// each once).
-fn settle(shared: &Shared, home: usize, client: u64, next: Next) -> Option<Waiting> {
+fn settle(shared: &Shared, home: usize, client: u64, next: Next, turn: &Turn) -> Option<Waiting> {
     match next {
         Next::Park(conn, _) if !conn.buf.drained() || conn.hung_up => Some(Waiting::Client(conn)),
         Next::Park(conn, deadline) if !shared.shutting_down.load(Relaxed) => {
@@ -359,6 +366,7 @@ fn settle(shared: &Shared, home: usize, client: u64, next: Next) -> Option<Waiti
         }
         // In flight: finishes even during shutdown.
         Next::Suspend(conn, suspended) => {
+            turn.awaited();
             shared
                 .parked
                 .suspend(conn, suspended, (home, &shared.reactors[home]))
