@@ -39,6 +39,8 @@ pub struct ServerConfig {
     pub workers: u16,
     /// With one worker per CPU this process may use, each runs on its own.
     pub pin_workers: bool,
+    /// Workers run as `SCHED_BATCH`: a worker that wakes does not preempt.
+    pub batch_workers: bool,
     /// Helpers grow the workers up to this while module hooks hold them.
     pub max_workers: NonZeroUsize,
     pub max_connections: NonZeroUsize,
@@ -66,6 +68,7 @@ impl Default for ServerConfig {
             backend_addr: ([127, 0, 0, 1], 8080).into(),
             workers: 0,
             pin_workers: false,
+            batch_workers: true,
             max_workers: nz(256),
             max_connections: nz(10_000),
             header_timeout: Dur::secs(10),

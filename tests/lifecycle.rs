@@ -375,6 +375,30 @@ fn a_low_open_files_limit_is_raised_so_many_clients_fit() {
 }
 
 #[test]
+fn workers_run_as_sched_batch_unless_batch_workers_is_off() {
+    const SCHED_OTHER: u32 = 0;
+    const SCHED_BATCH: u32 = 3;
+    let backend = Backend::ok("served");
+    for (server, policy) in [
+        ("workers = 2", SCHED_BATCH),
+        ("workers = 2\nbatch_workers = false", SCHED_OTHER),
+    ] {
+        let proxy = Proxy::with(backend.addr, Conf { server, rest: "" });
+        assert_eq!(get(proxy.addr, "/").text(), "served");
+        // Each worker sets its policy as it starts: allow the other a moment.
+        let started = Instant::now();
+        while worker_policies(proxy.pid()) != [policy; 2] {
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "{server}: {:?}",
+                worker_policies(proxy.pid())
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+#[test]
 fn pin_workers_gives_one_worker_per_cpu_a_cpu_of_its_own() {
     let backend = Backend::ok("pinned");
     let ours = cpus_allowed(std::path::Path::new("/proc/self/status"));

@@ -21,6 +21,7 @@ mod downstream;
 mod outgoing;
 mod parked;
 mod reactor;
+mod scheduling;
 mod turn;
 mod workers;
 
@@ -75,6 +76,8 @@ pub struct Shared {
     keepalive_timeout: Duration,
     write_timeout: Duration,
     max_connections: usize,
+    /// Workers (helpers too) run as `SCHED_BATCH`.
+    batch_workers: bool,
     shutting_down: AtomicBool,
     /// Each worker's epoll set, indexed by home.
     reactors: Arc<[Reactor]>,
@@ -156,6 +159,7 @@ impl Server {
             keepalive_timeout: s.keepalive_timeout.0,
             write_timeout: s.write_timeout.0,
             max_connections: s.max_connections.get(),
+            batch_workers: s.batch_workers,
             shutting_down: AtomicBool::new(false),
             reactors,
             backlogs: (0..homes).map(|_| CachePadded::default()).collect(),
@@ -263,6 +267,11 @@ fn spawn_worker(
             if let Some(cpu) = cpu {
                 if let Err(e) = affinity::pin_current_thread(cpu) {
                     log::warn!("worker-{n} not pinned to CPU {cpu}: {e}");
+                }
+            }
+            if worker_shared.batch_workers {
+                if let Err(e) = scheduling::batch_current_thread() {
+                    log::warn!("worker-{n} not made SCHED_BATCH: {e}");
                 }
             }
             worker(&worker_shared, home, extra)

@@ -252,6 +252,25 @@ pub fn worker_cpus(pid: u32) -> Vec<Vec<usize>> {
         .collect()
 }
 
+/// The scheduling policy of each worker thread of `pid` (`SCHED_OTHER` 0,
+/// `SCHED_BATCH` 3): field 41 of its /proc stat line.
+pub fn worker_policies(pid: u32) -> Vec<u32> {
+    worker_tasks(pid)
+        .iter()
+        .map(|task| {
+            let stat = std::fs::read_to_string(task.join("stat")).unwrap();
+            // Fields from the third on follow the parenthesised name.
+            let after_name = &stat[stat.rfind(')').unwrap() + 1..];
+            after_name
+                .split_whitespace()
+                .nth(41 - 3)
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect()
+}
+
 /// The CPUs of the `Cpus_allowed_list` line ("0-3,6") of a /proc status file.
 pub fn cpus_allowed(status: &std::path::Path) -> Vec<usize> {
     let status = std::fs::read_to_string(status).unwrap();
