@@ -338,9 +338,7 @@ fn on_event(shared: &Shared, home: usize, ready: Ready, turn: &Turn) {
     };
     loop {
         let client = waiting.conn().token;
-        if !matches!(waiting, Waiting::Client(_)) {
-            turn.awaited();
-        }
+        let resumed = !matches!(waiting, Waiting::Client(_));
         let next = catch_unwind(AssertUnwindSafe(|| match waiting {
             Waiting::Client(conn) => connection::serve(conn, shared),
             Waiting::Exchange(conn, suspended) => connection::resume(conn, suspended, shared),
@@ -348,8 +346,11 @@ fn on_event(shared: &Shared, home: usize, ready: Ready, turn: &Turn) {
                 connection::time_out(conn, suspended, shared)
             }
         }));
+        if resumed || matches!(next, Ok(Next::Suspend(..))) {
+            turn.awaited();
+        }
         let again = match next {
-            Ok(next) => settle(shared, home, client, next, turn),
+            Ok(next) => settle(shared, home, client, next),
             Err(_) => {
                 log::error!("a connection handler panicked; connection closed, worker continues");
                 shared.parked.close(client);
@@ -367,7 +368,7 @@ fn on_event(shared: &Shared, home: usize, ready: Ready, turn: &Turn) {
 /// it has more to do at once: bytes (or the end) may be left in its socket,
 /// or an event came for it while it was busy (edge-triggered sockets report
 /// each once).
-fn settle(shared: &Shared, home: usize, client: u64, next: Next, turn: &Turn) -> Option<Waiting> {
+fn settle(shared: &Shared, home: usize, client: u64, next: Next) -> Option<Waiting> {
     match next {
         Next::Park(conn, _) if !conn.buf.drained() || conn.hung_up => Some(Waiting::Client(conn)),
         Next::Park(conn, deadline) if !shared.shutting_down.load(Relaxed) => {
@@ -375,7 +376,6 @@ fn settle(shared: &Shared, home: usize, client: u64, next: Next, turn: &Turn) ->
         }
         // In flight: finishes even during shutdown.
         Next::Suspend(conn, suspended) => {
-            turn.awaited();
             shared
                 .parked
                 .suspend(conn, suspended, (home, &shared.reactors[home]))
