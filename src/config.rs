@@ -67,7 +67,7 @@ impl Default for ServerConfig {
             listen_addr: ([127, 0, 0, 1], 3000).into(),
             backend_addr: ([127, 0, 0, 1], 8080).into(),
             workers: 0,
-            pin_workers: false,
+            pin_workers: true,
             batch_workers: true,
             max_workers: nz(256),
             max_connections: nz(10_000),

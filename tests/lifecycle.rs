@@ -399,12 +399,12 @@ fn workers_run_as_sched_batch_unless_batch_workers_is_off() {
 }
 
 #[test]
-fn pin_workers_gives_one_worker_per_cpu_a_cpu_of_its_own() {
+fn one_worker_per_cpu_is_pinned_each_to_its_own_unless_pin_workers_is_off() {
     let backend = Backend::ok("pinned");
     let ours = cpus_allowed(std::path::Path::new("/proc/self/status"));
     let start = |server| Proxy::with(backend.addr, Conf { server, rest: "" });
 
-    let pinned = start("workers = 0\npin_workers = true");
+    let pinned = start("workers = 0");
     let mut each: Vec<usize> = worker_cpus(pinned.pid())
         .into_iter()
         .map(|cpus| match cpus[..] {
@@ -421,7 +421,7 @@ fn pin_workers_gives_one_worker_per_cpu_a_cpu_of_its_own() {
     );
     assert_eq!(get(pinned.addr, "/").text(), "pinned");
 
-    for server in ["workers = 0", "workers = 16\npin_workers = true"] {
+    for server in ["workers = 0\npin_workers = false", "workers = 16"] {
         let free = start(server);
         let cpus = worker_cpus(free.pid());
         assert!(!cpus.is_empty());

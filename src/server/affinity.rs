@@ -1,11 +1,11 @@
-//! Pinning each worker to a CPU of its own (`server.pin_workers`), as
-//! nginx's `worker_cpu_affinity auto` does. With one worker per CPU, the
-//! scheduler can still stack two workers on one CPU while another runs the
-//! load generator or the backend: then one waits milliseconds behind the
-//! other, and so does every connection of its home. Pinned, it cannot move
-//! a worker to a CPU that frees up either: on 2 shared cores pinning took
-//! about 1 ms off the p99 of small responses but cost 64 KiB responses
-//! 10-15 % of their throughput (docs/PERFORMANCE.md), so it is off by default.
+//! Pinning each worker to a CPU of its own (`server.pin_workers`, on by
+//! default), as nginx's `worker_cpu_affinity auto` does. With one worker per
+//! CPU, the scheduler can still stack two workers on one CPU while another
+//! runs the load generator or the backend: then one waits milliseconds
+//! behind the other, and so does every connection of its home. Pinned, a
+//! worker cannot move to a CPU that frees up either; before workers ran as
+//! `SCHED_BATCH` that cost 64 KiB responses 10-15 % of their throughput, and
+//! since, nothing measurable (docs/PERFORMANCE.md, step 39).
 
 use std::io;
 use std::mem;
