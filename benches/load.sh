@@ -523,6 +523,11 @@ mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 min() { (( $1 < $2 )) && echo "$1" || echo "$2"; }
 median() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+# Each round's ratio of two lists of per-round values, in round order.
+round_ratios() {
+    paste -d ' ' <(tr ' ' '\n' <<<"$1" | grep .) <(tr ' ' '\n' <<<"$2" | grep .) |
+        awk '{ printf "%s%s", sep, ($2 > 0 ? sprintf("%.2f", $1 / $2) : "n/a"); sep = ", " }'
+}
 
 result_row() {
     local scen=$1 name=$2
@@ -532,7 +537,7 @@ result_row() {
 }
 
 report() {
-    local scen name best pc rps_pc rps_v warning
+    local scen name best pc rps_pc rps_v ratios warning
     echo "## Proxycache load benchmark"
     echo
     echo "wrk ${DURATION} per run after a ${WARMUP} warm-up, one server at a time; latencies in µs."
@@ -595,6 +600,30 @@ report() {
             "${RES[$scen|duel-proxycache|backend_cpu]}" "${RES[$scen|$name|backend_cpu]}" \
             "${RES[$scen|duel-proxycache|err]}" "${RES[$scen|$name|err]}"
     done
+    if (( ROUNDS > 1 )); then
+        echo
+        echo "Each round's req/s ratio, in order (the medians above come from these; rounds that differ"
+        echo "by more than the noise say the machine's load changed during the run):"
+        echo
+        echo "| scenario | pc/nginx | pc/haproxy | pc/varnish |"
+        echo "| --- | --- | --- | --- |"
+        for scen in "${SCENARIOS[@]}"; do
+            printf '| %s | %s | %s | |\n' "$scen" \
+                "$(round_ratios "${ALL[$scen|proxycache|rps]}" "${ALL[$scen|nginx|rps]}")" \
+                "$(round_ratios "${ALL[$scen|proxycache|rps]}" "${ALL[$scen|haproxy|rps]}")"
+        done
+        for scen in "${CACHE_SCENARIOS[@]}"; do
+            printf '| %s | | | %s |\n' "$scen" \
+                "$(round_ratios "${ALL[$scen|proxycache|rps]}" "${ALL[$scen|varnish|rps]}")"
+        done
+        for name in "${DUELS[@]}"; do
+            ratios=$(sed 's/^ //; s/ /, /g' <<<"${ALL[vs $name|ratio]}")
+            case $name in
+                nginx) printf '| head to head vs nginx | %s | | |\n' "$ratios" ;;
+                haproxy) printf '| head to head vs haproxy | | %s | |\n' "$ratios" ;;
+            esac
+        done
+    fi
     for warning in "${WARN[@]}"; do
         echo
         echo "**Warning:** $warning"
