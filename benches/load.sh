@@ -617,7 +617,7 @@ report() {
                 "$(round_ratios "${ALL[$scen|proxycache|rps]}" "${ALL[$scen|varnish|rps]}")"
         done
         for name in "${DUELS[@]}"; do
-            ratios=$(sed 's/^ //; s/ /, /g' <<<"${ALL[vs $name|ratio]}")
+            ratios=$(round_ratios "${ALL[vs $name|duel-proxycache|rps]}" "${ALL[vs $name|$name|rps]}")
             case $name in
                 nginx) printf '| head to head vs nginx | %s | | |\n' "$ratios" ;;
                 haproxy) printf '| head to head vs haproxy | | %s | |\n' "$ratios" ;;
