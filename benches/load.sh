@@ -542,7 +542,7 @@ report() {
     echo
     echo "wrk ${DURATION} per run after a ${WARMUP} warm-up, one server at a time; latencies in µs."
     if (( ROUNDS > 1 )); then
-        echo "Every scenario ran $ROUNDS times, servers interleaved; each value is the median of those runs (errors: their sum)."
+        echo "Every scenario ran $ROUNDS times, servers interleaved, the proxies' order rotating each round; each value is the median of those runs (errors: their sum)."
     fi
     echo
     echo "CPU = the server's own CPU time (user + system, all its processes) per request, in µs."
@@ -682,10 +682,22 @@ declare -A SPEC=(
     ["hit small c64"]="/cached 64 2"
     ["hit 64k c64"]="/cached64k 64 2"
 )
+# rotate ROUND NAME...: the names in round ROUND's order. Each round starts one
+# further along the list, so over as many rounds as names each server runs once
+# in every place (after the backend's direct run, last, ...) and whatever the
+# order favours, such as what ran just before, favours none of them.
+rotate() {
+    local start=$1 i
+    shift
+    for (( i = 0; i < $#; i++ )); do
+        local at=$(( (start - 1 + i) % $# + 1 ))
+        echo "${!at}"
+    done
+}
 for round in $(seq 1 "$ROUNDS"); do
     (( ROUNDS == 1 )) || log "round $round of $ROUNDS"
     for scen in "${SCENARIOS[@]}"; do
-        for name in "${SERVERS[@]}"; do
+        for name in backend $(rotate "$round" "${SERVERS[@]:1}"); do
             # shellcheck disable=SC2086  # SPEC splits into run_wrk's arguments
             run_wrk "$scen" "$name" ${SPEC[$scen]}
         done
@@ -693,13 +705,13 @@ for round in $(seq 1 "$ROUNDS"); do
     # The warm-up run fills the caches; the check after the measured run shows
     # that they answered from memory.
     for scen in "${CACHE_SCENARIOS[@]}"; do
-        for name in "${CACHE_SERVERS[@]}"; do
+        for name in backend $(rotate "$round" "${CACHE_SERVERS[@]:1}"); do
             # shellcheck disable=SC2086  # as above
             run_wrk "$scen" "$name" ${SPEC[$scen]}
             [[ $name == backend ]] || check_hit "$name" "${SPEC[$scen]%% *}"
         done
     done
-    for name in "${DUELS[@]}"; do run_duel "$name"; done
+    for name in $(rotate "$round" "${DUELS[@]}"); do run_duel "$name"; done
 done
 take_medians
 
