@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -22,20 +22,33 @@ use common::*;
 /// Where the child finds its config.
 const CHILD_CONFIG: &str = "PROXYCACHE_HELPERS_CHILD_CONFIG";
 
-/// Holds its worker on `/hold` until `/release`.
-struct Holding(AtomicBool);
+/// How long a released `/hold` keeps its worker: a helper that serves the
+/// `/release` finds that worker still held, and stays.
+const LINGER: Duration = Duration::from_millis(100);
+
+/// Holds its worker on `/hold` until a `/release` arrives (one each, in
+/// either order), and `LINGER` after it.
+struct Holding {
+    releases: AtomicUsize,
+}
 
 impl Module for Holding {
     fn handle(&self, req: &mut Request, _: &mut Downstream, _: &mut Context) -> Flow {
         match req.target.as_str() {
             "/hold" => {
-                while !self.0.load(Ordering::SeqCst) {
+                let take_one = |n: usize| n.checked_sub(1);
+                while self
+                    .releases
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, take_one)
+                    .is_err()
+                {
                     thread::sleep(Duration::from_millis(5));
                 }
+                thread::sleep(LINGER);
                 Flow::Respond(Response::text(200, "held"))
             }
             "/release" => {
-                self.0.store(true, Ordering::SeqCst);
+                self.releases.fetch_add(1, Ordering::SeqCst);
                 Flow::Respond(Response::text(200, "released"))
             }
             _ => Flow::Continue,
@@ -52,7 +65,9 @@ fn child_server() {
     let stage = Stage {
         name: "holding".into(),
         priority: 100,
-        module: Box::new(Holding(AtomicBool::new(false))),
+        module: Box::new(Holding {
+            releases: AtomicUsize::new(0),
+        }),
     };
     let _server = Server::start(&config, vec![stage]).unwrap();
     proxycache::logging::flush();
@@ -83,6 +98,16 @@ fn holding_proxy(backend: &Backend, server: &str) -> Proxy {
 fn hold(mut client: Client) -> thread::JoinHandle<String> {
     client.send("GET /hold HTTP/1.1\r\nHost: a\r\n\r\n");
     thread::spawn(move || client.response().text())
+}
+
+/// Waits for `n` worker threads in all (helpers start within two
+/// housekeeping ticks of being needed).
+fn wait_for_workers(proxy: &Proxy, n: usize) {
+    let until = Instant::now() + Duration::from_secs(5);
+    while worker_threads(proxy.pid()) < n {
+        assert!(Instant::now() < until, "no helper started");
+        thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn release(proxy: &Proxy) {
@@ -116,11 +141,7 @@ fn a_helper_ends_once_the_worker_it_stood_in_for_is_free() {
     let backend = Backend::ok("fine");
     let proxy = holding_proxy(&backend, "workers = 2");
     let held = hold(Client::connect(proxy.addr));
-    let until = Instant::now() + Duration::from_secs(5);
-    while worker_threads(proxy.pid()) < 3 {
-        assert!(Instant::now() < until, "no helper started");
-        thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_workers(&proxy, 3);
     release(&proxy);
     assert!(held.join().unwrap().contains("held"));
     let until = Instant::now() + Duration::from_millis(1500);
@@ -157,6 +178,46 @@ fn events_taken_with_a_blocking_one_go_to_the_helper() {
         took < Duration::from_secs(3),
         "the bad request waited {took:?}"
     );
+    release(&proxy);
+    assert!(held.join().unwrap().contains("held"));
+}
+
+#[test]
+fn events_left_by_a_held_worker_reach_a_helper_while_the_others_sleep() {
+    // A worker takes every event ready in one wait and serves them in turn.
+    // If the first holds it, the rest wait in the home's backlog, and a
+    // worker asleep in its wait is not woken for them: housekeeping must
+    // start a helper, though not every worker of the home is held.
+    let backend = Backend::ok("fine");
+    let proxy = holding_proxy(&backend, "workers = 1");
+    let mut holder = Client::connect(proxy.addr);
+    let mut other = Client::connect(proxy.addr);
+    for client in [&mut holder, &mut other] {
+        client.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(client.response().text(), "fine");
+    }
+    // The worker and a helper, both free and asleep in their wait. These
+    // clients stay connected: a hang-up is an event, which would end the
+    // helper.
+    let mut first = Client::connect(proxy.addr);
+    first.send("GET /hold HTTP/1.1\r\nHost: a\r\n\r\n");
+    wait_for_workers(&proxy, 2);
+    let mut releaser = Client::connect(proxy.addr);
+    releaser.send("GET /release HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert!(releaser.response().text().contains("released"));
+    assert!(first.response().text().contains("held"));
+    thread::sleep(Duration::from_millis(100));
+    assert_eq!(worker_threads(proxy.pid()), 2, "the helper left");
+    // Stopped, so that both requests are ready when one of them wakes.
+    proxy.stop();
+    let held = hold(holder);
+    other.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+    thread::sleep(Duration::from_millis(50));
+    let started = Instant::now();
+    proxy.signal("CONT");
+    assert_eq!(other.response().text(), "fine");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "the request waited {took:?}");
     release(&proxy);
     assert!(held.join().unwrap().contains("held"));
 }

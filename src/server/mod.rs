@@ -13,9 +13,11 @@
 //! A housekeeping thread closes idle connections past their deadline and
 //! stale pooled ones, hands upstream waits past theirs to the workers (it
 //! never serves), and starts a helper on a home whose worker is held (no
-//! built-in stage waits on a thread, but a module hook may block).
+//! built-in stage waits on a thread, but a module hook may block), or whose
+//! [`Backlog`] has sat untaken for a tick.
 
 mod affinity;
+mod backlog;
 mod connection;
 mod downstream;
 mod outgoing;
@@ -25,7 +27,6 @@ mod scheduling;
 mod turn;
 mod workers;
 
-use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -36,7 +37,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
-use parking_lot::Mutex;
 
 pub use downstream::Downstream;
 pub(crate) use outgoing::send_some;
@@ -47,6 +47,7 @@ use crate::modules;
 use crate::pipeline::{BuildEnv, Pipeline, Services, Stage};
 use crate::pool::{Pool, PoolLimits};
 use crate::upstream::Upstreams;
+use backlog::{Backlog, Seen};
 use connection::{Conn, Next};
 use parked::{Parked, Waiting};
 use reactor::{Reactor, Ready};
@@ -64,8 +65,8 @@ const HOUSEKEEPING_TICK: Duration = Duration::from_millis(25);
 /// Parked waits are swept on the tick their soonest deadline passes.
 const SWEEP_EVERY: u64 = 4;
 /// Events one worker takes per `epoll_wait`. Those it is not serving yet
-/// wait in its home's backlog, where a helper finds them if the worker is
-/// held by a blocking module hook (each event is reported only once).
+/// wait in its home's [`Backlog`], where a helper finds them if the worker
+/// is held by a blocking module hook (each event is reported only once).
 const EVENTS_PER_WAIT: usize = 32;
 
 /// What every worker shares.
@@ -83,7 +84,7 @@ pub struct Shared {
     reactors: Arc<[Reactor]>,
     /// Events taken from a home's set and not served yet, indexed by home
     /// (a cache line each: every worker locks its own per event).
-    backlogs: Box<[CachePadded<Mutex<VecDeque<Ready>>>]>,
+    backlogs: Box<[CachePadded<Backlog>]>,
     /// The home the next accepted connection gets (modulo their number).
     next_home: AtomicUsize,
     /// Client connections within `max_connections` (over-limit ones are not counted).
@@ -295,30 +296,30 @@ fn worker(shared: &Arc<Shared>, home: usize, extra: bool) {
         on_event(shared, home, ready, &turn);
         Workers::end(&stamp);
     };
+    let mut idle = false;
     loop {
-        let waiting = backlog.lock().pop_front();
-        if let Some(ready) = waiting {
+        if let Some(ready) = backlog.pop() {
             serve(ready);
             continue;
         }
+        // A helper ends once its home has another worker free (two threads
+        // would only take turns with its connections, and their state would
+        // move between cores), or after idling; never with events left in
+        // the backlog, which would not wake that worker from its wait.
+        if extra && (idle || shared.workers.other_free(home, &stamp)) {
+            shared.workers.leave(&stamp);
+            return;
+        }
         let events = &mut events;
         match turn.wait(move || reactor.wait(events, timeout)) {
-            Ok(mut ready) if ready.len() > 0 => {
-                let first = ready.next().expect("one event at least");
-                if ready.len() > 0 {
-                    backlog.lock().extend(ready);
+            Ok(mut ready) => {
+                idle = ready.len() == 0;
+                if let Some(first) = ready.next() {
+                    if ready.len() > 0 {
+                        backlog.extend(ready);
+                    }
+                    serve(first);
                 }
-                serve(first);
-                // Two threads on one home would take turns with its
-                // connections, and their state would move between cores.
-                if extra && shared.workers.other_free(home, &stamp) {
-                    shared.workers.leave(&stamp);
-                    return;
-                }
-            }
-            Ok(_) => {
-                shared.workers.leave(&stamp);
-                return;
             }
             Err(e) => {
                 log::error!("epoll_wait failed: {e}");
@@ -455,14 +456,21 @@ impl Drop for OpenSlot {
 }
 
 fn housekeeping(shared: &Arc<Shared>) {
+    let mut backlogs_seen = vec![Seen::default(); shared.reactors.len()];
     loop {
         thread::sleep(HOUSEKEEPING_TICK);
-        let (tick, stuck) = shared.workers.stuck_homes(shared.reactors.len());
-        for home in stuck {
-            if !shared.workers.may_add() {
-                break;
+        let (tick, held) = shared.workers.held_homes(shared.reactors.len());
+        for (home, seen) in backlogs_seen.iter_mut().enumerate() {
+            // Looked at every tick, so that `seen` is a tick old.
+            let stalled = shared.backlogs[home].stalled(seen);
+            if !(held[home] || stalled) || !shared.workers.may_add() {
+                continue;
             }
-            log::debug!("every worker of home {home} held; starting a helper");
+            if held[home] {
+                log::debug!("every worker of home {home} held; starting a helper");
+            } else {
+                log::debug!("events of home {home} left untaken for a tick; starting a helper");
+            }
             if let Err(e) = spawn_worker(shared, home, true, None) {
                 log::error!("cannot start a worker: {e}");
             }

@@ -17,7 +17,9 @@ pub type Stamp = Arc<CachePadded<AtomicU64>>;
 /// default: more would only contend for the cores (and show in tail latency).
 /// No built-in stage holds a worker, but a module hook may block, so when
 /// every worker of a home is held (one event for over a housekeeping tick),
-/// a helper is started there, up to `max` workers in all. A helper ends
+/// or events have waited in its backlog for a tick untaken (their worker
+/// held, the others asleep), a helper is started there, up to `max` workers
+/// in all. A helper ends
 /// once its home has another worker free again, or when it finds nothing
 /// to do for `EXTRA_IDLE_MS`.
 pub struct Workers {
@@ -76,15 +78,15 @@ impl Workers {
             .count()
     }
 
-    /// Advances the clock (returning it) and the homes whose every worker has
-    /// been held by one event since before the last tick.
-    pub fn stuck_homes(&self, homes: usize) -> (u64, Vec<usize>) {
+    /// Advances the clock (returning it) and says, home by home, whether
+    /// its every worker has been held by one event since before the last tick.
+    pub fn held_homes(&self, homes: usize) -> (u64, Vec<bool>) {
         let now = self.tick.fetch_add(1, Relaxed) + 1;
-        let mut free = vec![false; homes];
+        let mut held_home = vec![true; homes];
         for (home, stamp) in self.stamps.lock().iter() {
-            free[*home] |= !held(stamp, now);
+            held_home[*home] &= held(stamp, now);
         }
-        (now, (0..homes).filter(|&home| !free[home]).collect())
+        (now, held_home)
     }
 
     /// Whether `home` has a worker other than `me` that is not held.
