@@ -19,9 +19,8 @@ pub type Stamp = Arc<CachePadded<AtomicU64>>;
 /// every worker of a home is held (one event for over a housekeeping tick),
 /// or events have waited in its backlog for a tick untaken (their worker
 /// held, the others asleep), a helper is started there, up to `max` workers
-/// in all. A helper ends
-/// once its home has another worker free again, or when it finds nothing
-/// to do for `EXTRA_IDLE_MS`.
+/// in all. A helper ends once the backlog is empty and its home has another
+/// worker free again, or when it finds nothing to do for `EXTRA_IDLE_MS`.
 pub struct Workers {
     max: usize,
     running: AtomicUsize,
