@@ -18,7 +18,8 @@
 #                    listen ports (default 18080..18084)
 #   IDLE_CONNS       keep-alive connections held open for the memory test (default 5000)
 #   ROUNDS           run every scenario this many times, servers interleaved, and
-#                    report medians (default 1); steadier ratios on a noisy machine
+#                    report medians (default 1); steadier ratios on a noisy machine.
+#                    From 6 on, each ratio also gets a 95 % interval (sign test)
 #   DUEL_BACKEND_PORT, DUEL_PROXYCACHE_PORT
 #                    the head-to-head Proxycache and its own backend
 #                    (default 18085, 18086)
@@ -529,6 +530,52 @@ round_ratios() {
         awk '{ printf "%s%s", sep, ($2 > 0 ? sprintf("%.2f", $1 / $2) : "n/a"); sep = ", " }'
 }
 
+# median_interval "r1, r2, ...": the median of those ratios and, from 6 of
+# them on, the sign test's distribution-free interval around it: order
+# statistics k and n+1-k, k the largest whose coverage is at least 95 %.
+# A lower end above 1 says Proxycache was faster beyond the rounds' noise.
+median_interval() {
+    tr ',' '\n' <<<"$1" | tr -d ' ' | grep -E '^[0-9.]+$' | sort -n | awk '
+        { v[NR] = $1 }
+        END {
+            n = NR
+            if (n == 0) { print "n/a"; exit }
+            median = n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+            # tail = P(B <= i) for B ~ Binomial(n, 1/2); c = C(n, i).
+            k = 0; tail = 0; c = 1
+            for (i = 0; i < n; i++) {
+                tail += c / 2 ^ n
+                if (2 * tail > 0.05) break
+                k = i + 1; c = c * (n - i) / (i + 1)
+            }
+            if (k == 0) printf "%.2f", median
+            else printf "%.2f (%.2f–%.2f)", median, v[k], v[n + 1 - k]
+        }'
+}
+
+ratios_median_interval() { median_interval "$(round_ratios "$1" "$2")"; }
+
+# per_round_rows SHOW: a table row per scenario and head-to-head pair, each
+# cell SHOW applied to Proxycache's and the other server's per-round req/s.
+per_round_rows() {
+    local show=$1 scen name cell
+    for scen in "${SCENARIOS[@]}"; do
+        printf '| %s | %s | %s | |\n' "$scen" \
+            "$($show "${ALL[$scen|proxycache|rps]}" "${ALL[$scen|nginx|rps]}")" \
+            "$($show "${ALL[$scen|proxycache|rps]}" "${ALL[$scen|haproxy|rps]}")"
+    done
+    for scen in "${CACHE_SCENARIOS[@]}"; do
+        printf '| %s | | | %s |\n' "$scen" "$($show "${ALL[$scen|proxycache|rps]}" "${ALL[$scen|varnish|rps]}")"
+    done
+    for name in "${DUELS[@]}"; do
+        cell=$($show "${ALL[vs $name|duel-proxycache|rps]}" "${ALL[vs $name|$name|rps]}")
+        case $name in
+            nginx) printf '| head to head vs nginx | %s | | |\n' "$cell" ;;
+            haproxy) printf '| head to head vs haproxy | | %s | |\n' "$cell" ;;
+        esac
+    done
+}
+
 result_row() {
     local scen=$1 name=$2
     printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$scen" "$name" "${RES[$scen|$name|rps]}" \
@@ -537,7 +584,7 @@ result_row() {
 }
 
 report() {
-    local scen name best pc rps_pc rps_v ratios warning
+    local scen name best pc rps_pc rps_v warning
     echo "## Proxycache load benchmark"
     echo
     echo "wrk ${DURATION} per run after a ${WARMUP} warm-up, one server at a time; latencies in µs."
@@ -607,22 +654,17 @@ report() {
         echo
         echo "| scenario | pc/nginx | pc/haproxy | pc/varnish |"
         echo "| --- | --- | --- | --- |"
-        for scen in "${SCENARIOS[@]}"; do
-            printf '| %s | %s | %s | |\n' "$scen" \
-                "$(round_ratios "${ALL[$scen|proxycache|rps]}" "${ALL[$scen|nginx|rps]}")" \
-                "$(round_ratios "${ALL[$scen|proxycache|rps]}" "${ALL[$scen|haproxy|rps]}")"
-        done
-        for scen in "${CACHE_SCENARIOS[@]}"; do
-            printf '| %s | | | %s |\n' "$scen" \
-                "$(round_ratios "${ALL[$scen|proxycache|rps]}" "${ALL[$scen|varnish|rps]}")"
-        done
-        for name in "${DUELS[@]}"; do
-            ratios=$(round_ratios "${ALL[vs $name|duel-proxycache|rps]}" "${ALL[vs $name|$name|rps]}")
-            case $name in
-                nginx) printf '| head to head vs nginx | %s | | |\n' "$ratios" ;;
-                haproxy) printf '| head to head vs haproxy | | %s | |\n' "$ratios" ;;
-            esac
-        done
+        per_round_rows round_ratios
+        if (( ROUNDS >= 6 )); then
+            echo
+            echo "The median of each round's req/s ratio, and in brackets the interval that holds"
+            echo "the true median with at least 95 % confidence (the sign test's, which assumes"
+            echo "nothing about the noise's shape): a lower end above 1.00 is a win beyond the noise:"
+            echo
+            echo "| scenario | pc/nginx | pc/haproxy | pc/varnish |"
+            echo "| --- | --- | --- | --- |"
+            per_round_rows ratios_median_interval
+        fi
     fi
     for warning in "${WARN[@]}"; do
         echo
