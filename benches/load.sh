@@ -535,10 +535,11 @@ round_ratios() {
 # statistics k and n+1-k, k the largest whose coverage is at least 95 %.
 # A lower end above 1 says Proxycache was faster beyond the rounds' noise.
 median_interval() {
-    tr ',' '\n' <<<"$1" | tr -d ' ' | grep -E '^[0-9.]+$' | sort -n | awk '
-        { v[NR] = $1 }
+    # Filtered in awk, not grep: with pipefail a grep that matched nothing
+    # (every round n/a) would fail the report's `set -e`.
+    tr ',' '\n' <<<"$1" | sort -n | awk '
+        $1 ~ /^[0-9.]+$/ { v[++n] = $1 }
         END {
-            n = NR
             if (n == 0) { print "n/a"; exit }
             median = n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
             # tail = P(B <= i) for B ~ Binomial(n, 1/2); c = C(n, i).
