@@ -20,6 +20,10 @@
 #   ROUNDS           run every scenario this many times, servers interleaved, and
 #                    report medians (default 1); steadier ratios on a noisy machine.
 #                    From 6 on, each ratio also gets a 95 % interval (sign test)
+#   ONLY             run only these scenarios, comma-separated names as in the
+#                    report ("small c64,small c1000"; "vs nginx" and "vs haproxy"
+#                    for the head-to-head pairs): many rounds of the close ones
+#                    in the time a few rounds of everything take
 #   DUEL_BACKEND_PORT, DUEL_PROXYCACHE_PORT
 #                    the head-to-head Proxycache and its own backend
 #                    (default 18085, 18086)
@@ -39,6 +43,7 @@ DUEL_BACKEND_PORT=${DUEL_BACKEND_PORT:-18085}
 DUEL_PROXYCACHE_PORT=${DUEL_PROXYCACHE_PORT:-18086}
 IDLE_CONNS=${IDLE_CONNS:-5000}
 ROUNDS=${ROUNDS:-1}
+ONLY=${ONLY:-}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SERVERS=(backend proxycache nginx haproxy)
 # nginx and HAProxy do not cache as set up here: the cache-hit scenarios put
@@ -621,33 +626,37 @@ report() {
             "$(( ${RES[$scen|haproxy|p50]} - ${RES[$scen|backend|p50]} ))" \
             "${RES[$scen|proxycache|cpu]}" "${RES[$scen|nginx|cpu]}" "${RES[$scen|haproxy|cpu]}"
     done
-    echo
-    echo "Proxycache against Varnish on cache hits (target: req/s ≥ 1.2 × Varnish, p99 no worse):"
-    echo
-    echo "| scenario | req/s pc | req/s varnish | req/s pc/varnish | ≥ 1.2 | p99 pc (µs) | p99 varnish (µs) | p99 pc ≤ varnish |"
-    echo "| --- | ---: | ---: | ---: | :---: | ---: | ---: | :---: |"
-    for scen in "${CACHE_SCENARIOS[@]}"; do
-        rps_pc=${RES[$scen|proxycache|rps]} rps_v=${RES[$scen|varnish|rps]}
-        pc=${RES[$scen|proxycache|p99]}
-        printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$scen" "$rps_pc" "$rps_v" \
-            "$(ratio "$rps_pc" "$rps_v")" "$( (( rps_pc * 10 >= rps_v * 12 )) && echo yes || echo NO)" \
-            "$pc" "${RES[$scen|varnish|p99]}" "$( (( pc <= ${RES[$scen|varnish|p99]} )) && echo yes || echo NO)"
-    done
-    echo
-    echo "Head to head: Proxycache and one other proxy loaded at the same time (GET /, \`wrk -t 1 -c 32\` each),"
-    echo "each in front of its own backend; the req/s ratio is the median of each round's ratio:"
-    echo
-    echo "| pair | req/s pc | req/s other | req/s pc/other | p99 pc / other (µs) | CPU/req pc / other (µs) | backend CPU/req behind pc / other (µs) | errors pc / other |"
-    echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-    for name in "${DUELS[@]}"; do
-        scen="vs $name"
-        printf '| %s | %s | %s | %s | %s / %s | %s / %s | %s / %s | %s / %s |\n' "pc $scen" \
-            "${RES[$scen|duel-proxycache|rps]}" "${RES[$scen|$name|rps]}" "${RES[$scen|ratio]}" \
-            "${RES[$scen|duel-proxycache|p99]}" "${RES[$scen|$name|p99]}" \
-            "${RES[$scen|duel-proxycache|cpu]}" "${RES[$scen|$name|cpu]}" \
-            "${RES[$scen|duel-proxycache|backend_cpu]}" "${RES[$scen|$name|backend_cpu]}" \
-            "${RES[$scen|duel-proxycache|err]}" "${RES[$scen|$name|err]}"
-    done
+    if (( ${#CACHE_SCENARIOS[@]} )); then
+        echo
+        echo "Proxycache against Varnish on cache hits (target: req/s ≥ 1.2 × Varnish, p99 no worse):"
+        echo
+        echo "| scenario | req/s pc | req/s varnish | req/s pc/varnish | ≥ 1.2 | p99 pc (µs) | p99 varnish (µs) | p99 pc ≤ varnish |"
+        echo "| --- | ---: | ---: | ---: | :---: | ---: | ---: | :---: |"
+        for scen in "${CACHE_SCENARIOS[@]}"; do
+            rps_pc=${RES[$scen|proxycache|rps]} rps_v=${RES[$scen|varnish|rps]}
+            pc=${RES[$scen|proxycache|p99]}
+            printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$scen" "$rps_pc" "$rps_v" \
+                "$(ratio "$rps_pc" "$rps_v")" "$( (( rps_pc * 10 >= rps_v * 12 )) && echo yes || echo NO)" \
+                "$pc" "${RES[$scen|varnish|p99]}" "$( (( pc <= ${RES[$scen|varnish|p99]} )) && echo yes || echo NO)"
+        done
+    fi
+    if (( ${#DUELS[@]} )); then
+        echo
+        echo "Head to head: Proxycache and one other proxy loaded at the same time (GET /, \`wrk -t 1 -c 32\` each),"
+        echo "each in front of its own backend; the req/s ratio is the median of each round's ratio:"
+        echo
+        echo "| pair | req/s pc | req/s other | req/s pc/other | p99 pc / other (µs) | CPU/req pc / other (µs) | backend CPU/req behind pc / other (µs) | errors pc / other |"
+        echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        for name in "${DUELS[@]}"; do
+            scen="vs $name"
+            printf '| %s | %s | %s | %s | %s / %s | %s / %s | %s / %s | %s / %s |\n' "pc $scen" \
+                "${RES[$scen|duel-proxycache|rps]}" "${RES[$scen|$name|rps]}" "${RES[$scen|ratio]}" \
+                "${RES[$scen|duel-proxycache|p99]}" "${RES[$scen|$name|p99]}" \
+                "${RES[$scen|duel-proxycache|cpu]}" "${RES[$scen|$name|cpu]}" \
+                "${RES[$scen|duel-proxycache|backend_cpu]}" "${RES[$scen|$name|backend_cpu]}" \
+                "${RES[$scen|duel-proxycache|err]}" "${RES[$scen|$name|err]}"
+        done
+    fi
     if (( ROUNDS > 1 )); then
         echo
         echo "Each round's req/s ratio, in order (the medians above come from these; rounds that differ"
@@ -701,17 +710,6 @@ write_holder
 printf 'wrk.method = "POST"\nwrk.body = string.rep("x", 1048576)\nwrk.headers["Content-Type"] = "application/octet-stream"\n' >"$WORK/post.lua"
 log "work dir $WORK, fd limit $(ulimit -n), wrk $DURATION per run"
 
-start_backend backend
-start_backend duel-backend
-start_proxycache proxycache backend
-start_proxycache duel-proxycache duel-backend
-start_nginx_proxy
-start_haproxy
-start_varnish
-for name in proxycache nginx haproxy varnish; do
-    RES[mem|$name|idle]=$(rss_of "${PID[$name]}")
-done
-
 # name -> "path connections threads [lua script]"
 SCENARIOS=("small c64" "64k c64" "small c1000" "latency c1" "post 1MiB c16")
 CACHE_SCENARIOS=("hit small c64" "hit 64k c64")
@@ -725,6 +723,36 @@ declare -A SPEC=(
     ["hit small c64"]="/cached 64 2"
     ["hit 64k c64"]="/cached64k 64 2"
 )
+# keep_only LIST NAME...: those NAMEs that are in the comma-separated LIST.
+keep_only() {
+    local list=",$1," name
+    shift
+    for name; do [[ $list == *",$name,"* ]] && echo "$name"; done
+    return 0
+}
+if [[ -n $ONLY ]]; then
+    known=$(printf '%s,' "${SCENARIOS[@]}" "${CACHE_SCENARIOS[@]}" "${DUELS[@]/#/vs }")
+    IFS=, read -r -a wanted <<<"$ONLY"
+    for scen in "${wanted[@]}"; do
+        [[ ",$known" == *",$scen,"* ]] || die "ONLY: no scenario \"$scen\"; there are: ${known%,}"
+    done
+    mapfile -t SCENARIOS < <(keep_only "$ONLY" "${SCENARIOS[@]}")
+    mapfile -t CACHE_SCENARIOS < <(keep_only "$ONLY" "${CACHE_SCENARIOS[@]}")
+    mapfile -t DUELS < <(keep_only "$ONLY" "${DUELS[@]/#/vs }")
+    DUELS=("${DUELS[@]#vs }")
+fi
+
+start_backend backend
+start_backend duel-backend
+start_proxycache proxycache backend
+start_proxycache duel-proxycache duel-backend
+start_nginx_proxy
+start_haproxy
+start_varnish
+for name in proxycache nginx haproxy varnish; do
+    RES[mem|$name|idle]=$(rss_of "${PID[$name]}")
+done
+
 # rotate ROUND NAME...: the names in round ROUND's order. Each round starts one
 # further along the list, so over as many rounds as names each server runs once
 # in every place (after the backend's direct run, last, ...) and whatever the
