@@ -9,6 +9,12 @@ use proxycache::config::{Config, Source};
 use proxycache::server::Server;
 use proxycache::{demo, logging};
 
+/// A worker has dozens of requests in flight at once, each allocating the same
+/// few sizes: more than glibc's per-thread cache holds, so its allocations fell
+/// to the locked slow path (docs/PERFORMANCE.md, step 40).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A high-performance HTTP/1.1 reverse proxy.
 #[derive(Parser)]
 #[command(version)]
