@@ -10,8 +10,8 @@ use proxycache::server::Server;
 use proxycache::{demo, logging};
 
 /// A worker has dozens of requests in flight at once, each allocating the same
-/// few sizes: more than glibc's per-thread cache holds, so its allocations fell
-/// to the locked slow path (docs/PERFORMANCE.md, step 40).
+/// few sizes: more than glibc's per-thread cache holds, so they fell through
+/// to its slower shared bins (docs/PERFORMANCE.md, step 40).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
